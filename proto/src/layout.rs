@@ -1,0 +1,267 @@
+//! How a task's content is cut into pieces, and sets of piece indices.
+//!
+//! The supernode fixes a task's layout once, from the content length, and every peer uses
+//! it; piece `i` covers bytes `[i * piece_size, min((i + 1) * piece_size, len))`.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ids::PieceIndex;
+
+/// Smallest piece size picked automatically: large enough that per-piece overhead (a QUIC
+/// stream, a sha256 finalisation, a scheduling round trip) is small next to the transfer.
+pub const DEFAULT_MIN_PIECE_SIZE: u32 = 4 << 20;
+/// Largest piece size picked automatically: bounds the memory one in-flight piece pins.
+pub const DEFAULT_MAX_PIECE_SIZE: u32 = 16 << 20;
+/// Target piece count; the piece size grows (by powers of two) past it for large files.
+pub const TARGET_PIECE_COUNT: u64 = 256;
+/// Smallest piece size a layout may declare (tests use small pieces to get many of them).
+pub const MIN_PIECE_SIZE: u32 = 16 << 10;
+/// Largest piece size a layout may declare: a receiver buffers one piece per in-flight
+/// request, so this bounds memory per request.
+pub const MAX_PIECE_SIZE: u32 = 64 << 20;
+/// Most pieces a task may have; bounds bitmaps and digest lists on the wire.
+pub const MAX_PIECES: u32 = 1 << 20;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("piece size {0} outside {MIN_PIECE_SIZE}..={MAX_PIECE_SIZE}")]
+    PieceSize(u32),
+    #[error("content of {len} bytes in pieces of {piece_size} needs more than {MAX_PIECES} pieces")]
+    TooManyPieces { len: u64, piece_size: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceLayout {
+    pub content_length: u64,
+    pub piece_size: u32,
+}
+
+impl PieceLayout {
+    /// Picks the piece size for a content length: the smallest power of two in
+    /// `[min, max]` giving at most [`TARGET_PIECE_COUNT`] pieces, else `max`.
+    pub fn choose(content_length: u64, min: u32, max: u32) -> Result<Self, LayoutError> {
+        let mut size = min;
+        while size < max && content_length.div_ceil(u64::from(size)) > TARGET_PIECE_COUNT {
+            size = size.saturating_mul(2).min(max);
+        }
+        Self::new(content_length, size)
+    }
+
+    pub fn new(content_length: u64, piece_size: u32) -> Result<Self, LayoutError> {
+        let l = Self {
+            content_length,
+            piece_size,
+        };
+        l.validate()?;
+        Ok(l)
+    }
+
+    /// Checks a layout that arrived over the wire.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        if !(MIN_PIECE_SIZE..=MAX_PIECE_SIZE).contains(&self.piece_size) {
+            return Err(LayoutError::PieceSize(self.piece_size));
+        }
+        if self.content_length.div_ceil(u64::from(self.piece_size)) > u64::from(MAX_PIECES) {
+            return Err(LayoutError::TooManyPieces {
+                len: self.content_length,
+                piece_size: self.piece_size,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn piece_count(&self) -> u32 {
+        // validate() bounds this by MAX_PIECES, so it fits.
+        u32::try_from(self.content_length.div_ceil(u64::from(self.piece_size))).unwrap_or(MAX_PIECES)
+    }
+
+    /// Byte offset and length of a piece, or `None` past the end.
+    pub fn piece_range(&self, piece: PieceIndex) -> Option<(u64, u32)> {
+        if piece.0 >= self.piece_count() {
+            return None;
+        }
+        let start = u64::from(piece.0) * u64::from(self.piece_size);
+        let len = (self.content_length - start).min(u64::from(self.piece_size));
+        Some((start, len as u32))
+    }
+
+    pub fn pieces(&self) -> impl Iterator<Item = PieceIndex> + use<> {
+        (0..self.piece_count()).map(PieceIndex)
+    }
+}
+
+/// A set of piece indices below a fixed length, as a bitmap (one bit a piece, so a
+/// 1,048,576-piece task costs 128 KiB).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PieceSet {
+    len: u32,
+    #[serde(with = "serde_bytes_vec")]
+    bits: Vec<u8>,
+}
+
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = a.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+impl std::fmt::Debug for PieceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PieceSet({}/{})", self.count(), self.len)
+    }
+}
+
+impl PieceSet {
+    pub fn new(len: u32) -> Self {
+        Self {
+            len,
+            bits: vec![0; len.div_ceil(8) as usize],
+        }
+    }
+
+    pub fn full(len: u32) -> Self {
+        let mut s = Self::new(len);
+        for i in 0..len {
+            s.insert(PieceIndex(i));
+        }
+        s
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True when the bitmap's size matches its declared length and no bit past the end is
+    /// set; a decoded set that fails this came from a buggy or lying sender.
+    pub fn is_well_formed(&self) -> bool {
+        self.len <= MAX_PIECES
+            && self.bits.len() == self.len.div_ceil(8) as usize
+            && (self.len % 8 == 0
+                || self.bits.last().is_none_or(|b| b >> (self.len % 8) == 0))
+    }
+
+    pub fn insert(&mut self, i: PieceIndex) -> bool {
+        if i.0 >= self.len {
+            return false;
+        }
+        let (byte, bit) = ((i.0 / 8) as usize, i.0 % 8);
+        let was = self.bits[byte] & (1 << bit) != 0;
+        self.bits[byte] |= 1 << bit;
+        !was
+    }
+
+    pub fn remove(&mut self, i: PieceIndex) {
+        if i.0 < self.len {
+            self.bits[(i.0 / 8) as usize] &= !(1 << (i.0 % 8));
+        }
+    }
+
+    pub fn contains(&self, i: PieceIndex) -> bool {
+        i.0 < self.len && self.bits[(i.0 / 8) as usize] & (1 << (i.0 % 8)) != 0
+    }
+
+    pub fn count(&self) -> u32 {
+        self.bits.iter().map(|b| b.count_ones()).sum()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count() == self.len
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = PieceIndex> + '_ {
+        (0..self.len).map(PieceIndex).filter(|i| self.contains(*i))
+    }
+
+    pub fn missing(&self) -> impl Iterator<Item = PieceIndex> + '_ {
+        (0..self.len).map(PieceIndex).filter(|i| !self.contains(*i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn piece_size_grows_with_length() {
+        let l = |len| PieceLayout::choose(len, DEFAULT_MIN_PIECE_SIZE, DEFAULT_MAX_PIECE_SIZE).unwrap();
+        assert_eq!(l(0).piece_count(), 0);
+        assert_eq!(l(1).piece_size, 4 << 20);
+        assert_eq!(l(256 * MIB).piece_count(), 64);
+        assert_eq!(l(1024 * MIB).piece_size, 4 << 20);
+        assert_eq!(l(1024 * MIB + 1).piece_size, 8 << 20);
+        assert_eq!(l(100 * 1024 * MIB).piece_size, 16 << 20);
+    }
+
+    #[test]
+    fn boundary_sizes() {
+        let ps = MIN_PIECE_SIZE as u64;
+        for (len, count, last) in [
+            (0, 0, None),
+            (1, 1, Some(1)),
+            (ps - 1, 1, Some(ps - 1)),
+            (ps, 1, Some(ps)),
+            (ps + 1, 2, Some(1)),
+            (10 * ps, 10, Some(ps)),
+        ] {
+            let l = PieceLayout::new(len, MIN_PIECE_SIZE).unwrap();
+            assert_eq!(l.piece_count(), count, "len {len}");
+            let last_len = count.checked_sub(1).map(|i| l.piece_range(PieceIndex(i)).unwrap().1 as u64);
+            assert_eq!(last_len, last, "len {len}");
+            assert_eq!(l.piece_range(PieceIndex(count)), None);
+            let total: u64 = l.pieces().map(|p| l.piece_range(p).unwrap().1 as u64).sum();
+            assert_eq!(total, len);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_layouts() {
+        assert!(PieceLayout::new(10, 1).is_err());
+        assert!(PieceLayout::new(u64::MAX, MIN_PIECE_SIZE).is_err());
+    }
+
+    #[test]
+    fn piece_set_ops() {
+        let mut s = PieceSet::new(10);
+        assert!(s.insert(PieceIndex(3)));
+        assert!(!s.insert(PieceIndex(3)));
+        assert!(!s.insert(PieceIndex(10)));
+        assert!(s.contains(PieceIndex(3)));
+        assert_eq!(s.count(), 1);
+        assert_eq!(s.missing().count(), 9);
+        assert!(s.is_well_formed());
+        assert!(PieceSet::full(10).is_full());
+        let bad = PieceSet { len: 3, bits: vec![0xff] };
+        assert!(!bad.is_well_formed());
+    }
+}
