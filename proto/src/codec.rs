@@ -182,7 +182,7 @@ mod tests {
                 source: [AnnounceSource::Origin, AnnounceSource::Peer, AnnounceSource::Restored][s as usize],
             }),
             (arb_host(), arb_task(), arb_set(), 0..=MAX_ASSIGNMENTS)
-                .prop_map(|(host, task, have, max_assignments)| ControlRequest::Schedule { host, task, have, max_assignments }),
+                .prop_map(|(host, task, have, max_assignments)| ControlRequest::Schedule { host, task, busy: PieceSet::new(have.len()), have, max_assignments }),
             (arb_host(), arb_task(), any::<u32>(), proptest::option::of(arb_host()))
                 .prop_map(|(host, task, p, parent)| ControlRequest::PieceFailed {
                     host,

@@ -95,11 +95,13 @@ pub enum ControlRequest {
         source: AnnounceSource,
         pieces: Vec<PieceRecord>,
     },
-    /// "Tell me where to get pieces I lack." `have` is the daemon's full bitmap.
+    /// "Tell me where to get pieces I lack." `have` is the daemon's full bitmap of stored
+    /// pieces; `busy` the pieces it is fetching now, not to be assigned again.
     Schedule {
         host: HostId,
         task: TaskId,
         have: PieceSet,
+        busy: PieceSet,
         max_assignments: u32,
     },
     PieceFailed {
@@ -214,10 +216,14 @@ impl Frame for ControlRequest {
             ),
             ControlRequest::Schedule {
                 have,
+                busy,
                 max_assignments,
                 ..
             } => {
-                check(have.is_well_formed(), "malformed piece bitmap")?;
+                check(
+                    have.is_well_formed() && busy.is_well_formed() && have.len() == busy.len(),
+                    "malformed piece bitmap",
+                )?;
                 check(*max_assignments <= MAX_ASSIGNMENTS, "max_assignments")
             }
             ControlRequest::ReportLayout { .. }

@@ -1,0 +1,100 @@
+//! Supernode configuration: a TOML file (unknown keys rejected) under command-line flags,
+//! resolved into a typed [`SupernodeConfig`] with every error reported at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::scheduler::SchedulerConfig;
+
+/// Control plane (QUIC) port, as in Dragonfly.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8002";
+/// HTTP API (health, metrics, listings).
+pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/dfp2p/supernode";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub api_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    #[serde(default)]
+    pub scheduler: SchedulerFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerFile {
+    pub host_timeout_secs: Option<u64>,
+    pub origin_lease_secs: Option<u64>,
+    pub probe_lease_secs: Option<u64>,
+    pub origin_leases_per_host: Option<u32>,
+    pub in_order_lookahead: Option<u32>,
+    pub parents_per_piece: Option<usize>,
+    pub min_piece_size: Option<u32>,
+    pub max_piece_size: Option<u32>,
+}
+
+impl SchedulerFile {
+    pub fn resolve(&self, errors: &mut Vec<String>) -> SchedulerConfig {
+        let d = SchedulerConfig::default();
+        let secs = |v: Option<u64>, def: Duration, name: &str, errors: &mut Vec<String>| match v {
+            Some(0) => {
+                errors.push(format!("scheduler.{name} must be > 0"));
+                def
+            }
+            Some(s) => Duration::from_secs(s),
+            None => def,
+        };
+        let cfg = SchedulerConfig {
+            host_timeout: secs(self.host_timeout_secs, d.host_timeout, "host_timeout_secs", errors),
+            origin_lease: secs(self.origin_lease_secs, d.origin_lease, "origin_lease_secs", errors),
+            probe_lease: secs(self.probe_lease_secs, d.probe_lease, "probe_lease_secs", errors),
+            origin_leases_per_host: self.origin_leases_per_host.unwrap_or(d.origin_leases_per_host).max(1),
+            in_order_lookahead: self.in_order_lookahead.unwrap_or(d.in_order_lookahead),
+            parents_per_piece: self.parents_per_piece.unwrap_or(d.parents_per_piece).max(1),
+            min_piece_size: self.min_piece_size.unwrap_or(d.min_piece_size),
+            max_piece_size: self.max_piece_size.unwrap_or(d.max_piece_size),
+        };
+        let range = proto::layout::MIN_PIECE_SIZE..=proto::layout::MAX_PIECE_SIZE;
+        if !range.contains(&cfg.min_piece_size) || !range.contains(&cfg.max_piece_size) || cfg.min_piece_size > cfg.max_piece_size {
+            errors.push(format!(
+                "scheduler piece sizes must satisfy {} <= min_piece_size <= max_piece_size <= {}",
+                range.start(),
+                range.end()
+            ));
+        }
+        cfg
+    }
+}
+
+/// The resolved configuration the supernode runs with.
+#[derive(Debug, Clone)]
+pub struct SupernodeConfig {
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub scheduler: SchedulerConfig,
+}
+
+impl SupernodeConfig {
+    /// Defaults for an in-process supernode (the daemon's embedded mode): loopback,
+    /// ephemeral ports.
+    pub fn embedded(data_dir: PathBuf, ca_cert: PathBuf, ca_key: PathBuf) -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 0).into(),
+            api_listen: ([127, 0, 0, 1], 0).into(),
+            data_dir,
+            ca_cert,
+            ca_key,
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}

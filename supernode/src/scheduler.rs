@@ -1,0 +1,1130 @@
+//! The scheduling state machine: no I/O, no clock of its own.
+//!
+//! Events come in through `handle_*` methods with `now` passed in; answers come back as
+//! values. The async server ([`crate::server`]) owns one [`Scheduler`] behind a mutex and
+//! persists what [`Scheduler::take_dirty`] hands it. Every method is a few microseconds,
+//! so the tests below drive whole swarms deterministically.
+//!
+//! What it guarantees:
+//! * a task's layout is fixed once, by the one peer holding the probe lease;
+//! * each piece's digest is recorded from the peer that fetched it from the origin under
+//!   a lease, and every other peer verifies against that record;
+//! * a piece nobody holds is leased to one peer at a time for an origin fetch (by Range,
+//!   so several peers share a cold file; without Range one peer streams it all);
+//! * parents are ranked by load (in-flight uploads over upload slots) and topology;
+//! * hosts that stop talking are dropped with their leases, so work moves on.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use proto::control::{
+    AnnounceSource, Assignment, ControlErrorCode, HostInfo, MAX_ASSIGNMENTS,
+    MAX_PARENTS_PER_PIECE, ParentRef, PieceFailure, PieceRecord, PieceSource, ScheduleReply,
+    TaskView,
+};
+use proto::layout::{DEFAULT_MAX_PIECE_SIZE, DEFAULT_MIN_PIECE_SIZE, LayoutError};
+use proto::{HostId, PieceIndex, PieceLayout, PieceSet, SessionId, Sha256Digest, TaskId};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A host that sent nothing for this long is gone: its pieces and leases are released.
+/// Daemons heartbeat every few seconds, so this tolerates two lost heartbeats.
+pub const DEFAULT_HOST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one peer owns an origin fetch of a piece before another may try.
+pub const DEFAULT_ORIGIN_LEASE: Duration = Duration::from_secs(30);
+/// How long the probing peer has to report the content length.
+pub const DEFAULT_PROBE_LEASE: Duration = Duration::from_secs(10);
+/// Origin pieces one host may hold leases on at once; spreads a cold fetch over peers
+/// instead of letting the first asker take the whole file.
+pub const DEFAULT_ORIGIN_LEASES_PER_HOST: u32 = 4;
+/// Missing pieces taken strictly in order before rarest-first applies, so a client
+/// streaming the content sees its next bytes soon.
+pub const DEFAULT_IN_ORDER_LOOKAHEAD: u32 = 4;
+/// Parents listed per piece (best first); the downloader falls back down the list.
+pub const DEFAULT_PARENTS_PER_PIECE: usize = 4;
+/// Corrupt-piece reports after which a host is not offered as a parent for a while.
+const BAD_PIECE_QUARANTINE_AFTER: u32 = 3;
+/// How long an unreachable or misbehaving host is skipped as a parent.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// Half-life of the "recently handed out as parent" load estimate between heartbeats.
+const ASSIGNED_HALF_LIFE: Duration = Duration::from_secs(2);
+/// Asked-again delay when nothing can be assigned right now.
+const RETRY_AFTER_MS: u32 = 100;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub host_timeout: Duration,
+    pub origin_lease: Duration,
+    pub probe_lease: Duration,
+    pub origin_leases_per_host: u32,
+    pub in_order_lookahead: u32,
+    pub parents_per_piece: usize,
+    pub min_piece_size: u32,
+    pub max_piece_size: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            host_timeout: DEFAULT_HOST_TIMEOUT,
+            origin_lease: DEFAULT_ORIGIN_LEASE,
+            probe_lease: DEFAULT_PROBE_LEASE,
+            origin_leases_per_host: DEFAULT_ORIGIN_LEASES_PER_HOST,
+            in_order_lookahead: DEFAULT_IN_ORDER_LOOKAHEAD,
+            parents_per_piece: DEFAULT_PARENTS_PER_PIECE,
+            min_piece_size: DEFAULT_MIN_PIECE_SIZE,
+            max_piece_size: DEFAULT_MAX_PIECE_SIZE,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SchedError {
+    #[error("host {0} is not registered")]
+    UnknownHost(HostId),
+    #[error("task {0} is not known; register for it first")]
+    UnknownTask(TaskId),
+    #[error("task {task} already has content length {known}, peer reported {reported}")]
+    LayoutConflict {
+        task: TaskId,
+        known: u64,
+        reported: u64,
+    },
+    #[error("piece {piece} of task {task}: announced digest differs from the record")]
+    DigestConflict { task: TaskId, piece: PieceIndex },
+    #[error("piece bitmap of {got} pieces for a task of {want}")]
+    BitmapLength { got: u32, want: u32 },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+impl SchedError {
+    pub fn code(&self) -> ControlErrorCode {
+        match self {
+            SchedError::UnknownHost(_) => ControlErrorCode::UnknownHost,
+            SchedError::UnknownTask(_) => ControlErrorCode::UnknownTask,
+            SchedError::LayoutConflict { .. } => ControlErrorCode::LayoutConflict,
+            SchedError::DigestConflict { .. } => ControlErrorCode::DigestConflict,
+            SchedError::BitmapLength { .. } | SchedError::Layout(_) => ControlErrorCode::BadRequest,
+        }
+    }
+}
+
+/// The durable part of a task, persisted by the server and restored at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub url: String,
+    pub layout: Option<PieceLayout>,
+    pub supports_range: bool,
+    pub content_digest: Option<Sha256Digest>,
+    pub digests: Vec<Option<Sha256Digest>>,
+}
+
+#[derive(Clone, Debug)]
+struct Lease {
+    host: HostId,
+    expires: Instant,
+}
+
+impl Lease {
+    fn live(&self, now: Instant) -> bool {
+        self.expires > now
+    }
+}
+
+#[derive(Debug)]
+struct Host {
+    info: HostInfo,
+    last_seen: Instant,
+    uploads_in_flight: u32,
+    /// Times handed out as first-choice parent, decaying; stands in for load between
+    /// heartbeats so a burst of requests doesn't all pick the same idle host.
+    assigned: f64,
+    assigned_at: Instant,
+    corrupt_reports: u32,
+    suspect_until: Option<Instant>,
+}
+
+impl Host {
+    fn decayed_assigned(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.assigned_at).as_secs_f64();
+        self.assigned * 0.5f64.powf(dt / ASSIGNED_HALF_LIFE.as_secs_f64())
+    }
+
+    fn load(&self, now: Instant) -> f64 {
+        (f64::from(self.uploads_in_flight) + self.decayed_assigned(now))
+            / f64::from(self.info.upload_slots.max(1))
+    }
+
+    fn usable_parent(&self, now: Instant) -> bool {
+        self.suspect_until.is_none_or(|t| t <= now)
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        self.info
+            .labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug)]
+struct TaskPeer {
+    have: PieceSet,
+}
+
+#[derive(Debug)]
+struct Task {
+    record: TaskRecord,
+    peers: HashMap<HostId, TaskPeer>,
+    probe: Option<Lease>,
+    origin_leases: HashMap<PieceIndex, Lease>,
+    whole_lease: Option<Lease>,
+    last_active: Instant,
+}
+
+impl Task {
+    fn new(record: TaskRecord, now: Instant) -> Self {
+        Self {
+            record,
+            peers: HashMap::new(),
+            probe: None,
+            origin_leases: HashMap::new(),
+            whole_lease: None,
+            last_active: now,
+        }
+    }
+
+    fn piece_count(&self) -> u32 {
+        self.record.layout.map_or(0, |l| l.piece_count())
+    }
+
+    fn recorded(&self) -> Vec<PieceRecord> {
+        self.record
+            .digests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                d.map(|digest| PieceRecord {
+                    piece: PieceIndex(i as u32),
+                    digest,
+                })
+            })
+            .collect()
+    }
+
+    fn release_host(&mut self, host: &HostId) {
+        self.peers.remove(host);
+        self.origin_leases.retain(|_, l| &l.host != host);
+        if self.whole_lease.as_ref().is_some_and(|l| &l.host == host) {
+            self.whole_lease = None;
+        }
+        if self.probe.as_ref().is_some_and(|l| &l.host == host) {
+            self.probe = None;
+        }
+    }
+}
+
+/// Public snapshot of a task for the HTTP API.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskSummary {
+    pub task: TaskId,
+    pub url: String,
+    pub content_length: Option<u64>,
+    pub piece_size: Option<u32>,
+    pub pieces: u32,
+    pub pieces_recorded: u32,
+    pub origin_leases: usize,
+    pub peers: Vec<PeerSummary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerSummary {
+    pub host: HostId,
+    pub pieces: u32,
+}
+
+/// Public snapshot of a host for the HTTP API.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostSummary {
+    pub host: HostId,
+    pub peer_addr: std::net::SocketAddr,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub upload_slots: u32,
+    pub uploads_in_flight: u32,
+    pub tasks: usize,
+    pub seconds_since_seen: f64,
+    pub suspect: bool,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    hosts: HashMap<HostId, Host>,
+    tasks: HashMap<TaskId, Task>,
+    dirty: Vec<TaskId>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            cfg,
+            hosts: HashMap::new(),
+            tasks: HashMap::new(),
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Loads durable task records (after a restart); peers re-register and re-announce.
+    pub fn restore(&mut self, records: impl IntoIterator<Item = (TaskId, TaskRecord)>, now: Instant) {
+        for (id, rec) in records {
+            self.tasks.insert(id, Task::new(rec, now));
+        }
+    }
+
+    /// Tasks whose durable record changed since the last call, with the record to store.
+    pub fn take_dirty(&mut self) -> Vec<(TaskId, TaskRecord)> {
+        let mut ids = std::mem::take(&mut self.dirty);
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| self.tasks.get(&id).map(|t| (id, t.record.clone())))
+            .collect()
+    }
+
+    pub fn host_count(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn touch(&mut self, host: &HostId, now: Instant) -> Result<(), SchedError> {
+        let h = self
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| SchedError::UnknownHost(host.clone()))?;
+        h.last_seen = now;
+        Ok(())
+    }
+
+    pub fn handle_register_host(&mut self, info: HostInfo, now: Instant) {
+        let host = info.host.clone();
+        let restarted = self
+            .hosts
+            .get(&host)
+            .is_some_and(|h| h.info.session != info.session);
+        if restarted {
+            // A new process: what the old one held is unknown until it re-announces.
+            for t in self.tasks.values_mut() {
+                t.release_host(&host);
+            }
+        }
+        let prev = self.hosts.remove(&host);
+        self.hosts.insert(
+            host,
+            Host {
+                info,
+                last_seen: now,
+                uploads_in_flight: 0,
+                assigned: prev.as_ref().map_or(0.0, |h| h.assigned),
+                assigned_at: now,
+                corrupt_reports: prev.as_ref().map_or(0, |h| h.corrupt_reports),
+                suspect_until: None,
+            },
+        );
+    }
+
+    pub fn handle_heartbeat(
+        &mut self,
+        host: &HostId,
+        session: SessionId,
+        uploads_in_flight: u32,
+        now: Instant,
+    ) -> Result<(), SchedError> {
+        match self.hosts.get_mut(host) {
+            Some(h) if h.info.session == session => {
+                h.last_seen = now;
+                h.uploads_in_flight = uploads_in_flight;
+                Ok(())
+            }
+            // Unknown (we restarted, or timed it out) or a stale session: the daemon must
+            // register again and re-announce, which is what UnknownHost asks of it.
+            _ => Err(SchedError::UnknownHost(host.clone())),
+        }
+    }
+
+    pub fn handle_register_peer(
+        &mut self,
+        host: &HostId,
+        task_id: TaskId,
+        url: &str,
+        content_digest: Option<Sha256Digest>,
+        now: Instant,
+    ) -> Result<TaskView, SchedError> {
+        self.touch(host, now)?;
+        let task = self.tasks.entry(task_id).or_insert_with(|| {
+            Task::new(
+                TaskRecord {
+                    url: url.to_string(),
+                    layout: None,
+                    supports_range: false,
+                    content_digest,
+                    digests: Vec::new(),
+                },
+                now,
+            )
+        });
+        if task.record.content_digest.is_none() && content_digest.is_some() {
+            task.record.content_digest = content_digest;
+            self.dirty.push(task_id);
+        }
+        task.last_active = now;
+        let pieces = task.piece_count();
+        task.peers
+            .entry(host.clone())
+            .or_insert_with(|| TaskPeer {
+                have: PieceSet::new(pieces),
+            });
+        let probe = Self::take_probe(&self.cfg, task, host, now);
+        Ok(TaskView {
+            layout: task.record.layout,
+            supports_range: task.record.supports_range,
+            content_digest: task.record.content_digest,
+            digests: task.recorded(),
+            probe,
+        })
+    }
+
+    /// Hands the probe lease to `host` if the layout is unknown and nobody else holds it.
+    fn take_probe(cfg: &SchedulerConfig, task: &mut Task, host: &HostId, now: Instant) -> bool {
+        if task.record.layout.is_some() {
+            return false;
+        }
+        match &task.probe {
+            Some(l) if l.live(now) => &l.host == host,
+            _ => {
+                task.probe = Some(Lease {
+                    host: host.clone(),
+                    expires: now + cfg.probe_lease,
+                });
+                true
+            }
+        }
+    }
+
+    pub fn handle_report_layout(
+        &mut self,
+        host: &HostId,
+        task_id: TaskId,
+        content_length: u64,
+        supports_range: bool,
+        now: Instant,
+    ) -> Result<PieceLayout, SchedError> {
+        self.touch(host, now)?;
+        let task = self
+            .tasks
+            .get_mut(&task_id)
+            .ok_or(SchedError::UnknownTask(task_id))?;
+        if let Some(l) = task.record.layout {
+            if l.content_length != content_length {
+                return Err(SchedError::LayoutConflict {
+                    task: task_id,
+                    known: l.content_length,
+                    reported: content_length,
+                });
+            }
+            return Ok(l);
+        }
+        let layout = PieceLayout::choose(content_length, self.cfg.min_piece_size, self.cfg.max_piece_size)?;
+        task.record.layout = Some(layout);
+        task.record.supports_range = supports_range;
+        task.record.digests = vec![None; layout.piece_count() as usize];
+        task.probe = None;
+        for p in task.peers.values_mut() {
+            p.have = PieceSet::new(layout.piece_count());
+        }
+        self.dirty.push(task_id);
+        Ok(layout)
+    }
+
+    /// Records pieces a host now holds. Pieces whose digest contradicts the record are
+    /// refused (reported as `DigestConflict` after the rest are taken).
+    pub fn handle_announce(
+        &mut self,
+        host: &HostId,
+        task_id: TaskId,
+        source: AnnounceSource,
+        pieces: &[PieceRecord],
+        now: Instant,
+    ) -> Result<(), SchedError> {
+        self.touch(host, now)?;
+        let lease_for = self.cfg.origin_lease;
+        let task = self
+            .tasks
+            .get_mut(&task_id)
+            .ok_or(SchedError::UnknownTask(task_id))?;
+        task.last_active = now;
+        let count = task.piece_count();
+        let mut conflict = None;
+        let mut changed = false;
+        let peer = task
+            .peers
+            .entry(host.clone())
+            .or_insert_with(|| TaskPeer {
+                have: PieceSet::new(count),
+            });
+        for rec in pieces {
+            let Some(slot) = task.record.digests.get_mut(rec.piece.0 as usize) else {
+                conflict.get_or_insert(rec.piece);
+                continue;
+            };
+            match (*slot, source) {
+                (Some(d), _) if d == rec.digest => {}
+                (Some(_), _) => {
+                    conflict.get_or_insert(rec.piece);
+                    continue;
+                }
+                (None, AnnounceSource::Origin | AnnounceSource::Restored) => {
+                    *slot = Some(rec.digest);
+                    changed = true;
+                }
+                // A peer-fetched piece can't exist without a record; ignore it.
+                (None, AnnounceSource::Peer) => continue,
+            }
+            peer.have.insert(rec.piece);
+            if task
+                .origin_leases
+                .get(&rec.piece)
+                .is_some_and(|l| &l.host == host)
+            {
+                task.origin_leases.remove(&rec.piece);
+            }
+        }
+        if source == AnnounceSource::Origin {
+            if let Some(l) = task.whole_lease.as_mut().filter(|l| &l.host == host) {
+                l.expires = now + lease_for;
+            }
+        }
+        if changed {
+            self.dirty.push(task_id);
+        }
+        match conflict {
+            Some(piece) => Err(SchedError::DigestConflict {
+                task: task_id,
+                piece,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn handle_piece_failed(
+        &mut self,
+        host: &HostId,
+        task_id: TaskId,
+        piece: PieceIndex,
+        parent: Option<&HostId>,
+        reason: PieceFailure,
+        now: Instant,
+    ) -> Result<(), SchedError> {
+        self.touch(host, now)?;
+        let task = self
+            .tasks
+            .get_mut(&task_id)
+            .ok_or(SchedError::UnknownTask(task_id))?;
+        if reason == PieceFailure::Origin {
+            if task.origin_leases.get(&piece).is_some_and(|l| &l.host == host) {
+                task.origin_leases.remove(&piece);
+            }
+            if task.whole_lease.as_ref().is_some_and(|l| &l.host == host) {
+                task.whole_lease = None;
+            }
+            return Ok(());
+        }
+        let Some(parent) = parent else { return Ok(()) };
+        if let Some(p) = task.peers.get_mut(parent) {
+            if matches!(reason, PieceFailure::Corrupt | PieceFailure::NotFound) {
+                p.have.remove(piece);
+            }
+        }
+        if let Some(h) = self.hosts.get_mut(parent) {
+            match reason {
+                PieceFailure::Corrupt => {
+                    h.corrupt_reports += 1;
+                    if h.corrupt_reports >= BAD_PIECE_QUARANTINE_AFTER {
+                        h.suspect_until = Some(now + SUSPECT_FOR);
+                    }
+                }
+                PieceFailure::Unreachable => h.suspect_until = Some(now + SUSPECT_FOR),
+                PieceFailure::NotFound | PieceFailure::Origin => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn handle_leave(&mut self, host: &HostId, task: Option<TaskId>) {
+        match task {
+            Some(t) => {
+                if let Some(t) = self.tasks.get_mut(&t) {
+                    t.release_host(host);
+                }
+            }
+            None => self.remove_host(host),
+        }
+    }
+
+    fn remove_host(&mut self, host: &HostId) {
+        self.hosts.remove(host);
+        for t in self.tasks.values_mut() {
+            t.release_host(host);
+        }
+    }
+
+    /// Drops hosts that went quiet, with their pieces and leases.
+    pub fn handle_tick(&mut self, now: Instant) -> Vec<HostId> {
+        let timeout = self.cfg.host_timeout;
+        let gone: Vec<HostId> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for h in &gone {
+            self.remove_host(h);
+        }
+        for t in self.tasks.values_mut() {
+            t.origin_leases.retain(|_, l| l.live(now));
+            if t.whole_lease.as_ref().is_some_and(|l| !l.live(now)) {
+                t.whole_lease = None;
+            }
+        }
+        gone
+    }
+
+    pub fn handle_schedule(
+        &mut self,
+        host: &HostId,
+        task_id: TaskId,
+        have: PieceSet,
+        busy: &PieceSet,
+        max_assignments: u32,
+        now: Instant,
+    ) -> Result<ScheduleReply, SchedError> {
+        self.touch(host, now)?;
+        let cfg = &self.cfg;
+        let task = self
+            .tasks
+            .get_mut(&task_id)
+            .ok_or(SchedError::UnknownTask(task_id))?;
+        task.last_active = now;
+        let Some(layout) = task.record.layout else {
+            task.peers
+                .entry(host.clone())
+                .or_insert_with(|| TaskPeer { have: PieceSet::new(0) });
+            let probe = Self::take_probe(cfg, task, host, now);
+            return Ok(ScheduleReply {
+                layout: None,
+                supports_range: false,
+                probe,
+                assignments: Vec::new(),
+                retry_after_ms: RETRY_AFTER_MS,
+            });
+        };
+        let count = layout.piece_count();
+        if have.len() != count || busy.len() != count {
+            return Err(SchedError::BitmapLength {
+                got: have.len(),
+                want: count,
+            });
+        }
+        // Keep only pieces that match the record: a daemon can't claim what was never
+        // recorded.
+        let mut have = have;
+        for p in layout.pieces() {
+            if have.contains(p) && task.record.digests[p.0 as usize].is_none() {
+                have.remove(p);
+            }
+        }
+        task.peers.insert(host.clone(), TaskPeer { have: have.clone() });
+
+        let order = Self::piece_order(cfg, task, &have, busy, &self.hosts, now);
+        let max = max_assignments.min(MAX_ASSIGNMENTS) as usize;
+        let mut held_leases = task
+            .origin_leases
+            .values()
+            .filter(|l| &l.host == host && l.live(now))
+            .count() as u32;
+        let mut assignments = Vec::new();
+        let requester = self.hosts.get(host);
+        let mut first_choices = Vec::new();
+        for piece in order {
+            if assignments.len() >= max {
+                break;
+            }
+            let digest = task.record.digests[piece.0 as usize];
+            if let Some(digest) = digest {
+                let parents = Self::rank_parents(cfg, task, piece, host, requester, &self.hosts, now);
+                if !parents.is_empty() {
+                    first_choices.push(parents[0].host.clone());
+                    assignments.push(Assignment {
+                        piece,
+                        source: PieceSource::Parents { digest, parents },
+                    });
+                    continue;
+                }
+            }
+            // Nobody live holds it: the origin, under a lease.
+            if !task.record.supports_range {
+                match &task.whole_lease {
+                    Some(l) if l.live(now) && &l.host != host => continue,
+                    Some(l) if l.live(now) => {
+                        // Already streaming it; nothing else to hand out from the origin.
+                        continue;
+                    }
+                    _ => {
+                        task.whole_lease = Some(Lease {
+                            host: host.clone(),
+                            expires: now + cfg.origin_lease,
+                        });
+                        assignments.push(Assignment {
+                            piece,
+                            source: PieceSource::OriginWhole,
+                        });
+                        continue;
+                    }
+                }
+            }
+            match task.origin_leases.get(&piece) {
+                Some(l) if l.live(now) => continue,
+                _ if held_leases >= cfg.origin_leases_per_host => continue,
+                _ => {
+                    task.origin_leases.insert(
+                        piece,
+                        Lease {
+                            host: host.clone(),
+                            expires: now + cfg.origin_lease,
+                        },
+                    );
+                    held_leases += 1;
+                    assignments.push(Assignment {
+                        piece,
+                        source: PieceSource::Origin,
+                    });
+                }
+            }
+        }
+        for h in first_choices {
+            if let Some(h) = self.hosts.get_mut(&h) {
+                h.assigned = h.decayed_assigned(now) + 1.0;
+                h.assigned_at = now;
+            }
+        }
+        let retry_after_ms = if assignments.is_empty() { RETRY_AFTER_MS } else { 0 };
+        Ok(ScheduleReply {
+            layout: Some(layout),
+            supports_range: task.record.supports_range,
+            probe: false,
+            assignments,
+            retry_after_ms,
+        })
+    }
+
+    /// Missing, not-busy pieces in the order to fetch them: the next few in content order
+    /// (a streaming client waits on those), then rarest first.
+    fn piece_order(
+        cfg: &SchedulerConfig,
+        task: &Task,
+        have: &PieceSet,
+        busy: &PieceSet,
+        hosts: &HashMap<HostId, Host>,
+        now: Instant,
+    ) -> Vec<PieceIndex> {
+        let wanted: Vec<PieceIndex> = have.missing().filter(|p| !busy.contains(*p)).collect();
+        let lookahead = (cfg.in_order_lookahead as usize).min(wanted.len());
+        // Lookahead counts from the first piece not yet stored, busy or not.
+        let first_missing = have.missing().next().map_or(0, |p| p.0);
+        let (head, tail): (Vec<_>, Vec<_>) = wanted
+            .into_iter()
+            .partition(|p| p.0 < first_missing + lookahead as u32);
+        let mut holders = vec![0u32; have.len() as usize];
+        for (id, peer) in &task.peers {
+            if hosts.get(id).is_some_and(|h| h.usable_parent(now)) {
+                for p in peer.have.iter() {
+                    if let Some(c) = holders.get_mut(p.0 as usize) {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        let mut tail = tail;
+        tail.sort_by_key(|p| (holders[p.0 as usize] == 0, holders[p.0 as usize], p.0));
+        // Pieces nobody has sort last within the rarest-first tail (so that held pieces
+        // get replicated before more origin leases are taken) - but they still get
+        // assigned in the same reply when the lease budget allows.
+        head.into_iter().chain(tail).collect()
+    }
+
+    fn rank_parents(
+        cfg: &SchedulerConfig,
+        task: &Task,
+        piece: PieceIndex,
+        requester_id: &HostId,
+        requester: Option<&Host>,
+        hosts: &HashMap<HostId, Host>,
+        now: Instant,
+    ) -> Vec<ParentRef> {
+        let mut scored: Vec<(f64, &HostId, &Host)> = task
+            .peers
+            .iter()
+            .filter(|(id, p)| *id != requester_id && p.have.contains(piece))
+            .filter_map(|(id, _)| hosts.get(id).map(|h| (id, h)))
+            .filter(|(_, h)| h.usable_parent(now))
+            .map(|(id, h)| {
+                let locality = requester.map_or(0.0, |r| {
+                    let same = |k| r.label(k).is_some() && r.label(k) == h.label(k);
+                    f64::from(u8::from(same("idc")))
+                        + 2.0 * f64::from(u8::from(same("zone")))
+                        + 4.0 * f64::from(u8::from(same("rack")))
+                }) / 7.0;
+                let idle = 1.0 - h.load(now).min(1.0);
+                (0.6 * idle + 0.4 * locality, id, h)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        scored
+            .into_iter()
+            .take(cfg.parents_per_piece.min(MAX_PARENTS_PER_PIECE))
+            .map(|(_, id, h)| ParentRef {
+                host: id.clone(),
+                addr: h.info.peer_addr,
+            })
+            .collect()
+    }
+
+    pub fn task_summaries(&self) -> Vec<TaskSummary> {
+        let mut v: Vec<TaskSummary> = self
+            .tasks
+            .iter()
+            .map(|(id, t)| TaskSummary {
+                task: *id,
+                url: t.record.url.clone(),
+                content_length: t.record.layout.map(|l| l.content_length),
+                piece_size: t.record.layout.map(|l| l.piece_size),
+                pieces: t.piece_count(),
+                pieces_recorded: t.record.digests.iter().filter(|d| d.is_some()).count() as u32,
+                origin_leases: t.origin_leases.len(),
+                peers: {
+                    let mut p: Vec<PeerSummary> = t
+                        .peers
+                        .iter()
+                        .map(|(h, p)| PeerSummary {
+                            host: h.clone(),
+                            pieces: p.have.count(),
+                        })
+                        .collect();
+                    p.sort_by(|a, b| a.host.cmp(&b.host));
+                    p
+                },
+            })
+            .collect();
+        v.sort_by(|a, b| a.task.cmp(&b.task));
+        v
+    }
+
+    pub fn host_summaries(&self, now: Instant) -> Vec<HostSummary> {
+        let mut v: Vec<HostSummary> = self
+            .hosts
+            .iter()
+            .map(|(id, h)| HostSummary {
+                host: id.clone(),
+                peer_addr: h.info.peer_addr,
+                labels: h.info.labels.iter().cloned().collect(),
+                upload_slots: h.info.upload_slots,
+                uploads_in_flight: h.uploads_in_flight,
+                tasks: self.tasks.values().filter(|t| t.peers.contains_key(id)).count(),
+                seconds_since_seen: now.saturating_duration_since(h.last_seen).as_secs_f64(),
+                suspect: !h.usable_parent(now),
+            })
+            .collect();
+        v.sort_by(|a, b| a.host.cmp(&b.host));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::layout::MIN_PIECE_SIZE;
+
+    const PS: u32 = MIN_PIECE_SIZE;
+
+    fn cfg() -> SchedulerConfig {
+        SchedulerConfig {
+            min_piece_size: PS,
+            max_piece_size: PS,
+            ..Default::default()
+        }
+    }
+
+    fn host(n: usize) -> HostId {
+        HostId::new(format!("h{n}")).unwrap()
+    }
+
+    fn info(n: usize, labels: &[(&str, &str)]) -> HostInfo {
+        HostInfo {
+            host: host(n),
+            session: SessionId(1),
+            peer_addr: ([127, 0, 0, 1], 10000 + n as u16).into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            upload_slots: 4,
+        }
+    }
+
+    fn task() -> TaskId {
+        TaskId::for_url("http://origin/file", &[], None)
+    }
+
+    fn digest(p: u32) -> Sha256Digest {
+        Sha256Digest::of(&p.to_le_bytes())
+    }
+
+    /// A scheduler with `n` hosts registered for one task of `pieces` pieces.
+    fn setup(n: usize, pieces: u32, range: bool) -> (Scheduler, Instant) {
+        let now = Instant::now();
+        let mut s = Scheduler::new(cfg());
+        for i in 0..n {
+            s.handle_register_host(info(i, &[]), now);
+        }
+        let v = s.handle_register_peer(&host(0), task(), "http://origin/file", None, now).unwrap();
+        assert!(v.probe);
+        for i in 1..n {
+            let v = s.handle_register_peer(&host(i), task(), "http://origin/file", None, now).unwrap();
+            assert!(!v.probe, "only one prober");
+        }
+        s.handle_report_layout(&host(0), task(), u64::from(PS) * u64::from(pieces), range, now)
+            .unwrap();
+        (s, now)
+    }
+
+    fn schedule(s: &mut Scheduler, h: usize, have: &PieceSet, now: Instant) -> ScheduleReply {
+        s.handle_schedule(&host(h), task(), have.clone(), &PieceSet::new(have.len()), 16, now)
+            .unwrap()
+    }
+
+    #[test]
+    fn layout_fixed_once_and_conflicts_reported() {
+        let (mut s, now) = setup(2, 10, true);
+        let err = s.handle_report_layout(&host(1), task(), 5, true, now).unwrap_err();
+        assert!(matches!(err, SchedError::LayoutConflict { known, .. } if known == u64::from(PS) * 10));
+        assert_eq!(s.take_dirty().len(), 1);
+    }
+
+    #[test]
+    fn probe_lease_moves_on_when_prober_times_out() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(cfg());
+        s.handle_register_host(info(0, &[]), now);
+        s.handle_register_host(info(1, &[]), now);
+        assert!(s.handle_register_peer(&host(0), task(), "u", None, now).unwrap().probe);
+        let r = s.handle_schedule(&host(1), task(), PieceSet::new(0), &PieceSet::new(0), 4, now).unwrap();
+        assert!(!r.probe);
+        let later = now + DEFAULT_PROBE_LEASE + Duration::from_millis(1);
+        let r = s.handle_schedule(&host(1), task(), PieceSet::new(0), &PieceSet::new(0), 4, later).unwrap();
+        assert!(r.probe, "lease expired, next asker probes");
+    }
+
+    #[test]
+    fn cold_pieces_leased_to_one_peer_each() {
+        let (mut s, now) = setup(4, 16, true);
+        let mut leased = vec![0; 16];
+        for h in 0..4 {
+            let r = schedule(&mut s, h, &PieceSet::new(16), now);
+            assert_eq!(r.assignments.len(), DEFAULT_ORIGIN_LEASES_PER_HOST as usize);
+            for a in r.assignments {
+                assert_eq!(a.source, PieceSource::Origin);
+                leased[a.piece.0 as usize] += 1;
+            }
+        }
+        assert!(leased.iter().all(|&c| c == 1), "{leased:?}");
+    }
+
+    #[test]
+    fn recorded_pieces_come_from_parents_with_digest() {
+        let (mut s, now) = setup(3, 4, true);
+        let r = schedule(&mut s, 0, &PieceSet::new(4), now);
+        assert_eq!(r.assignments.len(), 4);
+        let recs: Vec<_> = (0..4).map(|p| PieceRecord { piece: PieceIndex(p), digest: digest(p) }).collect();
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now).unwrap();
+        let r = schedule(&mut s, 1, &PieceSet::new(4), now);
+        assert_eq!(r.assignments.len(), 4);
+        for a in &r.assignments {
+            match &a.source {
+                PieceSource::Parents { digest: d, parents } => {
+                    assert_eq!(*d, digest(a.piece.0));
+                    assert_eq!(parents[0].host, host(0));
+                }
+                other => panic!("expected parents, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn first_origin_digest_wins_and_conflicts_are_refused() {
+        let (mut s, now) = setup(2, 2, true);
+        let rec = |d| [PieceRecord { piece: PieceIndex(0), digest: d }];
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &rec(digest(0)), now).unwrap();
+        let err = s
+            .handle_announce(&host(1), task(), AnnounceSource::Origin, &rec(digest(9)), now)
+            .unwrap_err();
+        assert_eq!(err, SchedError::DigestConflict { task: task(), piece: PieceIndex(0) });
+        // A peer-sourced piece with no record is ignored, not recorded.
+        s.handle_announce(&host(1), task(), AnnounceSource::Peer, &[PieceRecord { piece: PieceIndex(1), digest: digest(1) }], now)
+            .unwrap();
+        assert_eq!(s.task_summaries()[0].pieces_recorded, 1);
+    }
+
+    #[test]
+    fn no_range_gives_one_whole_lease() {
+        let (mut s, now) = setup(3, 8, false);
+        let r0 = schedule(&mut s, 0, &PieceSet::new(8), now);
+        assert_eq!(r0.assignments.len(), 1);
+        assert_eq!(r0.assignments[0].source, PieceSource::OriginWhole);
+        let r1 = schedule(&mut s, 1, &PieceSet::new(8), now);
+        assert!(r1.assignments.is_empty());
+        assert!(r1.retry_after_ms > 0);
+    }
+
+    #[test]
+    fn dead_host_releases_leases_and_stops_being_a_parent() {
+        let (mut s, now) = setup(2, 4, true);
+        let r = schedule(&mut s, 0, &PieceSet::new(4), now);
+        assert_eq!(r.assignments.len(), 4);
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &[PieceRecord { piece: PieceIndex(0), digest: digest(0) }], now)
+            .unwrap();
+        // h1 keeps heartbeating; h0 goes silent.
+        let later = now + DEFAULT_HOST_TIMEOUT + Duration::from_secs(1);
+        s.handle_heartbeat(&host(1), SessionId(1), 0, later).unwrap();
+        assert_eq!(s.handle_tick(later), vec![host(0)]);
+        let r = schedule(&mut s, 1, &PieceSet::new(4), later);
+        assert_eq!(r.assignments.len(), 4);
+        assert!(r.assignments.iter().all(|a| a.source == PieceSource::Origin));
+        assert!(matches!(
+            s.handle_heartbeat(&host(0), SessionId(1), 0, later),
+            Err(SchedError::UnknownHost(_))
+        ));
+    }
+
+    #[test]
+    fn corrupt_reports_remove_piece_and_quarantine_parent() {
+        let (mut s, now) = setup(3, 4, true);
+        let recs: Vec<_> = (0..4).map(|p| PieceRecord { piece: PieceIndex(p), digest: digest(p) }).collect();
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now).unwrap();
+        s.handle_announce(&host(2), task(), AnnounceSource::Restored, &recs, now).unwrap();
+        s.handle_piece_failed(&host(1), task(), PieceIndex(0), Some(&host(0)), PieceFailure::Corrupt, now)
+            .unwrap();
+        let r = schedule(&mut s, 1, &PieceSet::new(4), now);
+        let p0 = r.assignments.iter().find(|a| a.piece == PieceIndex(0)).unwrap();
+        match &p0.source {
+            PieceSource::Parents { parents, .. } => {
+                assert!(parents.iter().all(|p| p.host != host(0)), "h0 lost piece 0");
+            }
+            o => panic!("{o:?}"),
+        }
+        for p in 1..3 {
+            s.handle_piece_failed(&host(1), task(), PieceIndex(p), Some(&host(0)), PieceFailure::Corrupt, now)
+                .unwrap();
+        }
+        let r = schedule(&mut s, 1, &PieceSet::new(4), now);
+        for a in r.assignments {
+            if let PieceSource::Parents { parents, .. } = a.source {
+                assert!(parents.iter().all(|p| p.host != host(0)), "h0 quarantined");
+            }
+        }
+    }
+
+    #[test]
+    fn parents_ranked_by_locality_and_load() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(cfg());
+        s.handle_register_host(info(0, &[("zone", "a"), ("rack", "r1")]), now);
+        s.handle_register_host(info(1, &[("zone", "b")]), now);
+        s.handle_register_host(info(2, &[("zone", "a"), ("rack", "r1")]), now);
+        for h in 0..3 {
+            s.handle_register_peer(&host(h), task(), "u", None, now).unwrap();
+        }
+        s.handle_report_layout(&host(0), task(), u64::from(PS), true, now).unwrap();
+        let rec = [PieceRecord { piece: PieceIndex(0), digest: digest(0) }];
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &rec, now).unwrap();
+        s.handle_announce(&host(1), task(), AnnounceSource::Peer, &rec, now).unwrap();
+        let first = |s: &mut Scheduler| match &schedule(s, 2, &PieceSet::new(1), now).assignments[0].source {
+            PieceSource::Parents { parents, .. } => parents[0].host.clone(),
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(first(&mut s), host(0), "same rack wins when idle");
+        s.handle_heartbeat(&host(0), SessionId(1), 4, now).unwrap();
+        assert_eq!(first(&mut s), host(1), "a saturated parent loses to an idle remote one");
+    }
+
+    #[test]
+    fn restarted_session_forgets_pieces_until_reannounced() {
+        let (mut s, now) = setup(2, 2, true);
+        let recs: Vec<_> = (0..2).map(|p| PieceRecord { piece: PieceIndex(p), digest: digest(p) }).collect();
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now).unwrap();
+        let mut restarted = info(0, &[]);
+        restarted.session = SessionId(2);
+        s.handle_register_host(restarted, now);
+        let r = schedule(&mut s, 1, &PieceSet::new(2), now);
+        assert!(r.assignments.iter().all(|a| a.source == PieceSource::Origin));
+    }
+
+    #[test]
+    fn restore_keeps_digests_across_restart() {
+        let (mut s, now) = setup(1, 2, true);
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &[PieceRecord { piece: PieceIndex(1), digest: digest(1) }], now)
+            .unwrap();
+        let dirty = s.take_dirty();
+        let mut s2 = Scheduler::new(cfg());
+        s2.restore(dirty, now);
+        s2.handle_register_host(info(5, &[]), now);
+        let v = s2.handle_register_peer(&host(5), task(), "u", None, now).unwrap();
+        assert!(!v.probe, "layout survived");
+        assert_eq!(v.digests, vec![PieceRecord { piece: PieceIndex(1), digest: digest(1) }]);
+    }
+
+    #[test]
+    fn swarm_simulation_fetches_each_piece_from_origin_once() {
+        // 20 hosts, 64 pieces, every host loops schedule -> fetch -> announce.
+        let n = 20;
+        let pieces = 64;
+        let (mut s, now) = setup(n, pieces, true);
+        let mut have: Vec<PieceSet> = (0..n).map(|_| PieceSet::new(pieces)).collect();
+        let mut origin_fetches = 0;
+        for round in 0..200 {
+            let t = now + Duration::from_millis(round * 10);
+            for h in 0..n {
+                let r = s
+                    .handle_schedule(&host(h), task(), have[h].clone(), &PieceSet::new(pieces), 4, t)
+                    .unwrap();
+                for a in r.assignments {
+                    let source = match a.source {
+                        PieceSource::Origin => {
+                            origin_fetches += 1;
+                            AnnounceSource::Origin
+                        }
+                        PieceSource::Parents { .. } => AnnounceSource::Peer,
+                        PieceSource::OriginWhole => unreachable!(),
+                    };
+                    have[h].insert(a.piece);
+                    s.handle_announce(&host(h), task(), source, &[PieceRecord { piece: a.piece, digest: digest(a.piece.0) }], t)
+                        .unwrap();
+                }
+            }
+            if have.iter().all(|h| h.is_full()) {
+                break;
+            }
+        }
+        assert!(have.iter().all(|h| h.is_full()), "everyone done");
+        assert_eq!(origin_fetches, pieces, "each piece left the origin once");
+    }
+}

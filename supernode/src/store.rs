@@ -1,0 +1,75 @@
+//! Durable task records in sled: layout, content digest and piece digests. Soft state
+//! (hosts, who holds what) is not stored: daemons re-register and re-announce.
+//!
+//! sled is kept behind this module so it could be swapped (redb) without touching the
+//! scheduler. An unreadable database is moved aside and a fresh one started: losing the
+//! digest records only costs a re-fetch from the origin, while refusing to start would
+//! take the whole cluster's scheduling down.
+
+use std::path::{Path, PathBuf};
+
+use proto::TaskId;
+use thiserror::Error;
+
+use crate::scheduler::TaskRecord;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("opening task database at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("task database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("encoding task record: {0}")]
+    Encode(#[from] postcard::Error),
+}
+
+pub struct TaskStore {
+    db: sled::Db,
+    tasks: sled::Tree,
+}
+
+impl TaskStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("tasks.sled");
+        let db = match sled::open(&path) {
+            Ok(db) => db,
+            Err(e) => {
+                let aside = dir.join(format!("tasks.sled.broken-{}", std::process::id()));
+                tracing::error!(error = %e, path = %path.display(), aside = %aside.display(),
+                    "task database unreadable; moving it aside and starting empty");
+                std::fs::rename(&path, &aside).map_err(|_| StoreError::Open { path: path.clone(), source: e })?;
+                sled::open(&path).map_err(|source| StoreError::Open { path, source })?
+            }
+        };
+        let tasks = db.open_tree("tasks")?;
+        Ok(Self { db, tasks })
+    }
+
+    /// All records that decode; a record that doesn't is logged and skipped.
+    pub fn load_all(&self) -> Vec<(TaskId, TaskRecord)> {
+        self.tasks
+            .iter()
+            .filter_map(|kv| {
+                let (k, v) = kv.ok()?;
+                let id = TaskId::from_bytes(<[u8; 32]>::try_from(k.as_ref()).ok()?);
+                match postcard::from_bytes::<TaskRecord>(&v) {
+                    Ok(rec) => Some((id, rec)),
+                    Err(e) => {
+                        tracing::warn!(task = %id, error = %e, "skipping undecodable task record");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    pub fn put(&self, id: &TaskId, rec: &TaskRecord) -> Result<(), StoreError> {
+        self.tasks.insert(id.as_bytes(), postcard::to_allocvec(rec)?)?;
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}

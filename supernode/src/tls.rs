@@ -1,0 +1,202 @@
+//! Cluster trust: one CA per cluster; every supernode and daemon holds a leaf certificate
+//! signed by it, and QUIC connections are mutually authenticated against it (no "accept
+//! any certificate" anywhere).
+//!
+//! Each process mints its own leaf at start from the CA files it is given (in Kubernetes,
+//! a Secret mounted on every node). The supernode creates the CA in its data dir on first
+//! start when none is configured, so a one-machine setup needs no preparation: point the
+//! daemons at `<supernode data dir>/ca.pem` and `ca-key.pem`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use thiserror::Error;
+
+/// A connection with no traffic for this long is dead; covers a killed peer whose socket
+/// never says goodbye.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive well inside [`IDLE_TIMEOUT`] so quiet but healthy connections survive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+    #[error("{path} holds no PEM certificate")]
+    NoCert { path: PathBuf },
+}
+
+/// The cluster CA: verifies everyone, signs our own leaf.
+pub struct ClusterCa {
+    issuer: Issuer<'static, KeyPair>,
+    roots: Arc<RootCertStore>,
+}
+
+/// This process's certificate chain and key.
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+impl ClusterCa {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        let signing_key = KeyPair::from_pem(&key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, signing_key)?;
+        let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| TlsError::NoCert { path: cert.to_path_buf() })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(der)?;
+        Ok(Self {
+            issuer,
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// Loads the CA, creating it first if neither file exists.
+    pub fn load_or_create(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        if !cert.exists() && !key.exists() {
+            let key_pair = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, "dfp2p cluster CA");
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+            let ca = params.self_signed(&key_pair)?;
+            write_private(key, key_pair.serialize_pem().as_bytes())?;
+            std::fs::write(cert, ca.pem()).map_err(|source| TlsError::Write {
+                path: cert.to_path_buf(),
+                source,
+            })?;
+        }
+        Self::load(cert, key)
+    }
+
+    /// Mints a leaf for this process valid for `names` (TLS server names) and usable as
+    /// client and server certificate.
+    pub fn issue(&self, names: &[&str]) -> Result<Identity, TlsError> {
+        let key_pair = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("dfp2p"));
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key_pair, &self.issuer)?;
+        Ok(Identity {
+            chain: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key_pair.serialize_der()),
+        })
+    }
+
+    fn transport(&self) -> Arc<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+            IDLE_TIMEOUT.as_millis() as u32,
+        ))));
+        t.keep_alive_interval(Some(KEEP_ALIVE));
+        // Piece transfers are a few MiB each and several run on one connection: give
+        // the windows room for a full bandwidth-delay product on a fast LAN.
+        t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+        t.receive_window(quinn::VarInt::from_u32(64 << 20));
+        t.send_window(64 << 20);
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+        Arc::new(t)
+    }
+
+    /// A QUIC server config that only accepts clients holding a leaf from this CA.
+    pub fn server_config(&self, id: &Identity, alpn: &[u8]) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider()).build()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(id.chain.clone(), PrivateKeyDer::Pkcs8(id.key.clone_key()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        cfg.transport_config(self.transport());
+        Ok(cfg)
+    }
+
+    /// A QUIC client config that presents our leaf and verifies servers against the CA.
+    pub fn client_config(&self, id: &Identity, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(id.chain.clone(), PrivateKeyDer::Pkcs8(id.key.clone_key()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(self.transport());
+        Ok(cfg)
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| TlsError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(data).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_then_load_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+        let ca = ClusterCa::load_or_create(&c, &k).unwrap();
+        let id = ca.issue(&[proto::PEER_SERVER_NAME]).unwrap();
+        let again = ClusterCa::load_or_create(&c, &k).unwrap();
+        assert!(again.server_config(&id, proto::PEER_ALPN).is_ok());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&k).unwrap().permissions());
+        assert_eq!(mode & 0o077, 0, "CA key not readable by others");
+    }
+}
