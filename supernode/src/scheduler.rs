@@ -397,6 +397,17 @@ impl Scheduler {
         })
     }
 
+    /// What is known of a task, without registering anyone for it.
+    pub fn task_view(&self, task: &TaskId) -> Option<TaskView> {
+        self.tasks.get(task).map(|t| TaskView {
+            layout: t.record.layout,
+            supports_range: t.record.supports_range,
+            content_digest: t.record.content_digest,
+            digests: t.recorded(),
+            probe: false,
+        })
+    }
+
     /// Hands the probe lease to `host` if the layout is unknown and nobody else holds it.
     fn take_probe(cfg: &SchedulerConfig, task: &mut Task, host: &HostId, now: Instant) -> bool {
         if task.record.layout.is_some() {

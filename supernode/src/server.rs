@@ -269,7 +269,8 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 .map(ControlResponse::Task),
             ControlRequest::ReportLayout { host, task, content_length, supports_range } => s
                 .handle_report_layout(&host, task, content_length, supports_range, now)
-                .map(|_| ControlResponse::Ack),
+                .and_then(|_| s.task_view(&task).ok_or(SchedError::UnknownTask(task)))
+                .map(ControlResponse::Task),
             ControlRequest::AnnouncePieces { host, task, source, pieces } => s
                 .handle_announce(&host, task, source, &pieces, now)
                 .map(|()| ControlResponse::Ack),

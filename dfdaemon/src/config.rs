@@ -1,0 +1,213 @@
+//! Daemon configuration: a TOML file (unknown keys rejected) under command-line flags,
+//! resolved into a typed [`DaemonConfig`] with every problem reported at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::HostId;
+use serde::Deserialize;
+
+use crate::download::EngineConfig;
+
+/// Peer QUIC port (UDP), as in Dragonfly.
+pub const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:65000";
+pub const DEFAULT_API_SOCK: &str = "/run/dfp2p/dfdaemon.sock";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/dfp2p/dfdaemon";
+/// Disk the piece store may use before evicting least-recently-used content.
+pub const DEFAULT_QUOTA: u64 = 20 << 30;
+/// Concurrent uploads to other daemons; more requests get `Busy` and go elsewhere.
+pub const DEFAULT_UPLOAD_SLOTS: u32 = 16;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub supernode: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub peer_listen: Option<SocketAddr>,
+    pub advertise_addr: Option<SocketAddr>,
+    pub api_sock: Option<PathBuf>,
+    pub host_id: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// e.g. "20GiB", "500MB", or a byte count.
+    pub quota: Option<String>,
+    pub upload_slots: Option<u32>,
+    pub concurrent_pieces: Option<usize>,
+    pub stall_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SupernodeMode {
+    External(SocketAddr),
+    /// Run a supernode inside this process (the one-machine default).
+    Embedded,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub supernode: SupernodeMode,
+    pub data_dir: PathBuf,
+    pub peer_listen: SocketAddr,
+    pub advertise_addr: Option<SocketAddr>,
+    pub api_sock: PathBuf,
+    pub host_id: HostId,
+    pub labels: Vec<(String, String)>,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub quota: u64,
+    pub upload_slots: u32,
+    pub engine: EngineConfig,
+}
+
+/// Parses "20GiB", "512MiB", "10GB", "4096" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("size {s:?}: expected a number with an optional unit"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("size {s:?}: unknown unit {other:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+/// Splits `key=value` labels.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && k.len() <= 128 && v.len() <= 128 => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?}: expected key=value")),
+    }
+}
+
+/// Flags, as parsed by the binary; `None` means "not given, use the file or default".
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub supernode: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub peer_listen: Option<SocketAddr>,
+    pub advertise_addr: Option<SocketAddr>,
+    pub api_sock: Option<PathBuf>,
+    pub host_id: Option<String>,
+    pub labels: Vec<String>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub quota: Option<String>,
+    pub upload_slots: Option<u32>,
+}
+
+impl DaemonConfig {
+    pub fn resolve(file: FileConfig, flags: Overrides) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let host_raw = flags.host_id.or(file.host_id).unwrap_or_else(hostname);
+        let host_id = HostId::new(host_raw).unwrap_or_else(|e| {
+            errors.push(e.to_string());
+            HostId::new("invalid").expect("literal host id")
+        });
+        let mut labels: Vec<(String, String)> = file.labels.into_iter().collect();
+        for l in &flags.labels {
+            match parse_label(l) {
+                Ok((k, v)) => {
+                    labels.retain(|(k2, _)| *k2 != k);
+                    labels.push((k, v));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let quota = match flags.quota.or(file.quota) {
+            Some(q) => parse_size(&q).unwrap_or_else(|e| {
+                errors.push(e);
+                DEFAULT_QUOTA
+            }),
+            None => DEFAULT_QUOTA,
+        };
+        let upload_slots = flags.upload_slots.or(file.upload_slots).unwrap_or(DEFAULT_UPLOAD_SLOTS);
+        if upload_slots == 0 {
+            errors.push("upload_slots must be at least 1".into());
+        }
+        let mut engine = EngineConfig::default();
+        if let Some(c) = file.concurrent_pieces {
+            if c == 0 || c > 256 {
+                errors.push("concurrent_pieces must be 1..=256".into());
+            }
+            engine.concurrent_pieces = c.clamp(1, 256);
+        }
+        if let Some(s) = file.stall_timeout_secs {
+            engine.stall_timeout = Duration::from_secs(s.max(1));
+        }
+        let cfg = Self {
+            supernode: match flags.supernode.or(file.supernode) {
+                Some(a) => SupernodeMode::External(a),
+                None => SupernodeMode::Embedded,
+            },
+            peer_listen: flags
+                .peer_listen
+                .or(file.peer_listen)
+                .unwrap_or_else(|| DEFAULT_PEER_LISTEN.parse().expect("const addr")),
+            advertise_addr: flags.advertise_addr.or(file.advertise_addr),
+            api_sock: flags.api_sock.or(file.api_sock).unwrap_or_else(|| DEFAULT_API_SOCK.into()),
+            host_id,
+            labels,
+            ca_cert: flags.ca_cert.or(file.ca_cert).unwrap_or_else(|| data_dir.join("ca.pem")),
+            ca_key: flags.ca_key.or(file.ca_key).unwrap_or_else(|| data_dir.join("ca-key.pem")),
+            data_dir,
+            quota,
+            upload_slots,
+            engine,
+        };
+        if errors.is_empty() { Ok(cfg) } else { Err(errors) }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("20GiB").unwrap(), 20 << 30);
+        assert_eq!(parse_size("10 MB").unwrap(), 10_000_000);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("1XB").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_rejected_and_errors_collected() {
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        let file: FileConfig = toml::from_str("quota = \"lots\"\nupload_slots = 0").unwrap();
+        let errs = DaemonConfig::resolve(file, Overrides { labels: vec!["nokey".into()], ..Default::default() }).unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig = toml::from_str("host_id = \"a\"\n[labels]\nzone = \"z1\"\nrack = \"r1\"").unwrap();
+        let cfg = DaemonConfig::resolve(file, Overrides { host_id: Some("b".into()), labels: vec!["zone=z2".into()], ..Default::default() }).unwrap();
+        assert_eq!(cfg.host_id.as_str(), "b");
+        assert!(cfg.labels.contains(&("zone".into(), "z2".into())));
+        assert!(cfg.labels.contains(&("rack".into(), "r1".into())));
+        assert!(matches!(cfg.supernode, SupernodeMode::Embedded));
+    }
+}

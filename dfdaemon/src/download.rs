@@ -1,0 +1,830 @@
+//! The task engine: one pipeline for every download (plain URLs today; OCI blobs and
+//! pre-warm layers use the same engine with another task id and expected digest).
+//!
+//! One driver task per running download:
+//! 1. open the task in the store (a complete, verified task is served from there);
+//! 2. register with the supernode; learn the layout and the recorded piece digests (or
+//!    probe the origin, when the supernode hands this peer the probe lease);
+//! 3. loop: ask the supernode for assignments, run up to `concurrent_pieces` fetch jobs
+//!    (parents over QUIC, or the origin by Range under a lease), each of which verifies
+//!    and stores its piece; announce pieces as they land so others can fetch them at once;
+//! 4. check the whole-content digest when one is expected.
+//!
+//! If the supernode stops answering, the driver carries on by itself: digests and parents
+//! it already learned, then the origin. Readers follow progress through a `watch`
+//! channel and read verified pieces from the store in order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use proto::api::{ApiError, DownloadRequest, ErrorKind, TaskState, TaskStatus};
+use proto::control::{
+    AnnounceSource, ControlErrorCode, ControlRequest, ControlResponse, ParentRef, PieceFailure,
+    PieceRecord, PieceSource,
+};
+use proto::layout::{DEFAULT_MAX_PIECE_SIZE, DEFAULT_MIN_PIECE_SIZE};
+use proto::{PieceIndex, PieceLayout, PieceSet, Sha256Digest, TaskId};
+use reqwest::header::HeaderMap;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::control::{ControlClient, ControlError};
+use crate::metrics::Metrics;
+use crate::origin::{Origin, OriginError, header_map};
+use crate::peer::{PeerClient, PeerError};
+use crate::store::{Store, StoreError};
+
+/// Query parameters that sign or expire a URL without changing what it points at; they
+/// are left out of the task id so one file is one task however it was signed.
+pub const DEFAULT_FILTERED_QUERY: &[&str] = &[
+    "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
+    "X-Amz-Signature", "X-Amz-Security-Token", "Expires", "Signature", "AWSAccessKeyId",
+    "X-Goog-Algorithm", "X-Goog-Credential", "X-Goog-Date", "X-Goog-Expires", "X-Goog-SignedHeaders",
+    "X-Goog-Signature", "se", "sig", "sp", "sv", "st", "sr",
+];
+/// Finished downloads kept for status queries.
+const KEEP_FINISHED: usize = 1024;
+/// While the supernode is unreachable, try it again this often.
+const SUPERNODE_RETRY: Duration = Duration::from_secs(3);
+/// Attempts at one piece before the download fails.
+const MAX_PIECE_ATTEMPTS: u32 = 12;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Pieces fetched at once per download; bounds memory at this many pieces in flight.
+    pub concurrent_pieces: usize,
+    /// A download with no verified piece for this long fails instead of hanging.
+    pub stall_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            concurrent_pieces: 16,
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub layout: Option<PieceLayout>,
+    pub stored: PieceSet,
+    pub state: TaskState,
+    pub error: Option<ApiError>,
+}
+
+pub struct TaskHandle {
+    pub id: TaskId,
+    pub request: DownloadRequest,
+    progress: watch::Sender<Progress>,
+    from_origin: AtomicU64,
+    from_peers: AtomicU64,
+}
+
+impl TaskHandle {
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    pub fn status(&self) -> TaskStatus {
+        let p = self.progress();
+        TaskStatus {
+            task: self.id,
+            url: self.request.url.clone(),
+            state: p.state,
+            content_length: p.layout.map(|l| l.content_length),
+            piece_size: p.layout.map(|l| l.piece_size),
+            pieces_total: p.layout.map_or(0, |l| l.piece_count()),
+            pieces_stored: p.stored.count(),
+            pieces_from_origin: self.from_origin.load(Ordering::Relaxed),
+            pieces_from_peers: self.from_peers.load(Ordering::Relaxed),
+            error: p.error,
+        }
+    }
+
+    fn set_stored(&self, piece: PieceIndex, stored: bool) {
+        self.progress.send_modify(|p| {
+            if stored {
+                p.stored.insert(piece);
+            } else {
+                p.stored.remove(piece);
+            }
+        });
+    }
+
+    /// Waits until `piece` is stored (or, with `verified`, the whole task is done).
+    pub async fn wait_piece(&self, piece: PieceIndex, verified: bool) -> Result<(), ApiError> {
+        let mut rx = self.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if p.state == TaskState::Failed {
+                    return Err(p.error.clone().unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
+                }
+                if p.stored.contains(piece) && (!verified || p.state == TaskState::Done) {
+                    return Ok(());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(api_error(ErrorKind::Internal, "download driver went away"));
+            }
+        }
+    }
+
+    /// Waits until the layout is known (and the first piece stored), or failure.
+    pub async fn wait_started(&self) -> Result<PieceLayout, ApiError> {
+        let mut rx = self.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if p.state == TaskState::Failed {
+                    return Err(p.error.clone().unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
+                }
+                if let Some(l) = p.layout {
+                    if l.piece_count() == 0 || p.stored.contains(PieceIndex(0)) || p.state == TaskState::Done {
+                        return Ok(l);
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(api_error(ErrorKind::Internal, "download driver went away"));
+            }
+        }
+    }
+}
+
+pub fn api_error(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+    ApiError {
+        kind,
+        message: message.into(),
+        origin_status: None,
+    }
+}
+
+fn origin_api_error(e: &OriginError) -> ApiError {
+    match e {
+        OriginError::Status { status, .. } => ApiError {
+            kind: ErrorKind::OriginStatus,
+            message: e.to_string(),
+            origin_status: Some(*status),
+        },
+        OriginError::Unreachable(_) => api_error(ErrorKind::OriginUnreachable, e.to_string()),
+        OriginError::Protocol(_) => api_error(ErrorKind::OriginUnreachable, e.to_string()),
+        OriginError::BadHeader(_) => api_error(ErrorKind::BadRequest, e.to_string()),
+    }
+}
+
+fn store_api_error(e: &StoreError) -> ApiError {
+    api_error(ErrorKind::Storage, e.to_string())
+}
+
+pub struct Engine {
+    pub store: Arc<Store>,
+    pub control: Arc<ControlClient>,
+    peers: Arc<PeerClient>,
+    origin: Origin,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    running: Mutex<HashMap<TaskId, Arc<TaskHandle>>>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+enum Event {
+    Stored { piece: PieceIndex, digest: Sha256Digest, source: AnnounceSource, bytes: u64 },
+    Failed { piece: PieceIndex, fatal: Option<ApiError> },
+}
+
+/// Where a fetch job gets its piece(s).
+enum Job {
+    Parents { piece: PieceIndex, digest: Sha256Digest, parents: Vec<ParentRef> },
+    Origin { piece: PieceIndex, expected: Option<Sha256Digest> },
+    OriginWhole,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<Store>,
+        control: Arc<ControlClient>,
+        peers: Arc<PeerClient>,
+        origin: Origin,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            control,
+            peers,
+            origin,
+            cfg,
+            metrics,
+            running: Mutex::new(HashMap::new()),
+            tracker,
+            cancel,
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<TaskHandle>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn task_id(req: &DownloadRequest) -> TaskId {
+        TaskId::for_url(&req.url, DEFAULT_FILTERED_QUERY, req.digest.as_ref())
+    }
+
+    pub fn status(&self, id: &TaskId) -> Option<TaskStatus> {
+        self.running().get(id).map(|h| h.status())
+    }
+
+    pub fn statuses(&self) -> Vec<TaskStatus> {
+        let mut v: Vec<TaskStatus> = self.running().values().map(|h| h.status()).collect();
+        v.sort_by(|a, b| a.task.cmp(&b.task));
+        v
+    }
+
+    /// Starts (or joins) the download for `req`.
+    pub fn start(self: &Arc<Self>, req: DownloadRequest) -> Result<Arc<TaskHandle>, ApiError> {
+        let parsed = url::Url::parse(&req.url).map_err(|e| api_error(ErrorKind::BadRequest, format!("invalid URL {:?}: {e}", req.url)))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(api_error(ErrorKind::BadRequest, format!("unsupported URL scheme {:?}", parsed.scheme())));
+        }
+        if req.url.len() > proto::control::MAX_URL_LEN {
+            return Err(api_error(ErrorKind::BadRequest, "URL too long"));
+        }
+        let headers = header_map(&req.headers).map_err(|e| origin_api_error(&e))?;
+        let id = Self::task_id(&req);
+        let mut running = self.running();
+        if let Some(h) = running.get(&id) {
+            let p = h.progress.borrow();
+            let intact = p.state != TaskState::Done
+                || self.store.meta(&id).is_some_and(|m| m.complete);
+            if p.state != TaskState::Failed && intact {
+                drop(p);
+                return Ok(h.clone());
+            }
+        }
+        if running.len() >= KEEP_FINISHED {
+            running.retain(|_, h| h.progress.borrow().state == TaskState::Running);
+        }
+        let stored = self.store.stored(&id);
+        let layout = self.store.meta(&id).and_then(|m| m.layout);
+        let (tx, _) = watch::channel(Progress {
+            layout,
+            stored: stored.unwrap_or_default(),
+            state: TaskState::Running,
+            error: None,
+        });
+        let handle = Arc::new(TaskHandle {
+            id,
+            request: req,
+            progress: tx,
+            from_origin: AtomicU64::new(0),
+            from_peers: AtomicU64::new(0),
+        });
+        running.insert(id, handle.clone());
+        drop(running);
+        let engine = self.clone();
+        let h = handle.clone();
+        self.tracker.spawn(async move {
+            let result = engine.drive(&h, headers).await;
+            match result {
+                Ok(()) => {
+                    engine.metrics.downloads.get_or_create(&crate::metrics::ReasonLabels { reason: "ok" }).inc();
+                    h.progress.send_modify(|p| p.state = TaskState::Done);
+                }
+                Err(e) => {
+                    tracing::warn!(task = %h.id, url = %h.request.url, error = %e.message, "download failed");
+                    engine.metrics.downloads.get_or_create(&crate::metrics::ReasonLabels { reason: "failed" }).inc();
+                    h.progress.send_modify(|p| {
+                        p.state = TaskState::Failed;
+                        p.error = Some(e);
+                    });
+                }
+            }
+        });
+        Ok(handle)
+    }
+
+    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| api_error(ErrorKind::Internal, e.to_string()))
+    }
+
+    async fn drive(self: &Arc<Self>, h: &Arc<TaskHandle>, headers: HeaderMap) -> Result<(), ApiError> {
+        let id = h.id;
+        let url = h.request.url.clone();
+        let digest = h.request.digest;
+        let _lease = self.store.open_task(id, &url, digest).map_err(|e| store_api_error(&e))?;
+        let meta = self.store.meta(&id).ok_or_else(|| api_error(ErrorKind::Internal, "task vanished from store"))?;
+        if meta.complete {
+            if let Some(layout) = meta.layout {
+                self.metrics.got_piece("cache", layout.content_length);
+                h.progress.send_modify(|p| {
+                    p.layout = Some(layout);
+                    p.stored = PieceSet::full(layout.piece_count());
+                });
+                return Ok(());
+            }
+        }
+        let host = self.control.host().clone();
+        let mut known: HashMap<PieceIndex, Sha256Digest> = self.store.digests(&id).into_iter().collect();
+        let mut parents: HashMap<PieceIndex, Vec<ParentRef>> = HashMap::new();
+        let mut all_parents: Vec<ParentRef> = Vec::new();
+
+        // Register; the view tells the layout, recorded digests and who probes.
+        let mut sn_ok = false;
+        let mut probe = false;
+        let mut sn_layout = None;
+        let mut sn_range = false;
+        match self
+            .control
+            .call(&ControlRequest::RegisterPeer { host: host.clone(), task: id, url: url.clone(), content_digest: digest })
+            .await
+        {
+            Ok(ControlResponse::Task(v)) => {
+                sn_ok = true;
+                probe = v.probe;
+                sn_layout = v.layout;
+                sn_range = v.supports_range;
+                for r in v.digests {
+                    known.insert(r.piece, r.digest);
+                }
+            }
+            Ok(other) => tracing::warn!(?other, "unexpected register answer"),
+            Err(e) => tracing::info!(task = %id, error = %e, "supernode unavailable; fetching without it"),
+        }
+
+        // Layout: the supernode's, else ours from the store, else probe.
+        let started = Instant::now();
+        let (layout, supports_range) = loop {
+            if let Some(l) = sn_layout {
+                break (l, sn_range);
+            }
+            if let Some(l) = meta.layout {
+                if sn_ok {
+                    // The supernode lost the task; tell it what we know.
+                    let _ = self
+                        .control
+                        .call(&ControlRequest::ReportLayout { host: host.clone(), task: id, content_length: l.content_length, supports_range: meta.supports_range })
+                        .await;
+                }
+                break (l, meta.supports_range);
+            }
+            if probe || !sn_ok {
+                let p = self.origin.probe(&url, &headers).await.map_err(|e| origin_api_error(&e))?;
+                if sn_ok {
+                    match self
+                        .control
+                        .call(&ControlRequest::ReportLayout { host: host.clone(), task: id, content_length: p.content_length, supports_range: p.supports_range })
+                        .await
+                    {
+                        Ok(ControlResponse::Task(v)) if v.layout.is_some() => {
+                            sn_layout = v.layout;
+                            sn_range = v.supports_range;
+                            continue;
+                        }
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+                let l = PieceLayout::choose(p.content_length, DEFAULT_MIN_PIECE_SIZE, DEFAULT_MAX_PIECE_SIZE)
+                    .map_err(|e| api_error(ErrorKind::OriginUnreachable, e.to_string()))?;
+                break (l, p.supports_range);
+            }
+            // Someone else probes; wait for the layout.
+            if started.elapsed() > self.cfg.stall_timeout {
+                return Err(api_error(ErrorKind::Stalled, "no content length learned in time"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match self
+                .control
+                .call(&ControlRequest::Schedule { host: host.clone(), task: id, have: PieceSet::new(0), busy: PieceSet::new(0), max_assignments: 0 })
+                .await
+            {
+                Ok(ControlResponse::Schedule(r)) => {
+                    sn_layout = r.layout;
+                    sn_range = r.supports_range;
+                    probe = r.probe;
+                }
+                Ok(_) => {}
+                Err(ControlError::Unreachable(_)) => sn_ok = false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "waiting for layout");
+                    sn_ok = false;
+                }
+            }
+        };
+        self.store.set_layout(&id, layout, supports_range).map_err(|e| store_api_error(&e))?;
+        let stored_now = self.store.stored(&id).unwrap_or_default();
+        h.progress.send_modify(|p| {
+            p.layout = Some(layout);
+            p.stored = stored_now;
+        });
+        let count = layout.piece_count();
+
+        // Announcer: batches landed pieces to the supernode off the driver's path.
+        let (ann_tx, ann_rx) = mpsc::channel::<(AnnounceSource, PieceRecord)>(count as usize + 1);
+        let announcer = {
+            let control = self.control.clone();
+            let host = host.clone();
+            tokio::spawn(announce_loop(control, host, id, ann_rx))
+        };
+        let _abort_announcer = AbortOnDrop(announcer);
+
+        let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(64);
+        let mut jobs: JoinSet<()> = JoinSet::new();
+        let mut busy = PieceSet::new(count);
+        let mut attempts: HashMap<PieceIndex, u32> = HashMap::new();
+        let mut whole_running = false;
+        let mut next_poll = Instant::now();
+        let mut sn_retry_at = Instant::now();
+        let mut last_progress = Instant::now();
+        loop {
+            let stored = self.store.stored(&id).unwrap_or_default();
+            if stored.is_full() {
+                break;
+            }
+            let slots = self.cfg.concurrent_pieces.saturating_sub(jobs.len());
+            let now = Instant::now();
+            if slots > 0 && now >= next_poll && !whole_running {
+                let mut planned: Vec<Job> = Vec::new();
+                if !sn_ok && now >= sn_retry_at && self.control.is_up() {
+                    sn_ok = true;
+                }
+                if sn_ok {
+                    let req = ControlRequest::Schedule { host: host.clone(), task: id, have: stored.clone(), busy: busy.clone(), max_assignments: slots as u32 };
+                    match self.control.call(&req).await {
+                        Ok(ControlResponse::Schedule(r)) => {
+                            if r.layout.is_some_and(|l| l != layout) {
+                                return Err(api_error(ErrorKind::OriginUnreachable, "content length changed at the origin during the download"));
+                            }
+                            for a in r.assignments {
+                                match a.source {
+                                    PieceSource::Parents { digest, parents: ps } => {
+                                        known.insert(a.piece, digest);
+                                        for p in &ps {
+                                            if !all_parents.iter().any(|q| q.host == p.host) {
+                                                all_parents.push(p.clone());
+                                            }
+                                        }
+                                        parents.insert(a.piece, ps.clone());
+                                        planned.push(Job::Parents { piece: a.piece, digest, parents: ps });
+                                    }
+                                    PieceSource::Origin => planned.push(Job::Origin { piece: a.piece, expected: known.get(&a.piece).copied() }),
+                                    PieceSource::OriginWhole => planned.push(Job::OriginWhole),
+                                }
+                            }
+                            next_poll = if planned.is_empty() { now + Duration::from_millis(u64::from(r.retry_after_ms.max(20))) } else { now };
+                        }
+                        Ok(other) => {
+                            tracing::warn!(?other, "unexpected schedule answer");
+                            next_poll = now + Duration::from_millis(500);
+                        }
+                        Err(ControlError::Remote { code: ControlErrorCode::UnknownTask | ControlErrorCode::UnknownHost, .. }) => {
+                            // It restarted and forgot us; the heartbeat loop re-registers
+                            // the host, this registers the task again.
+                            let _ = self
+                                .control
+                                .call(&ControlRequest::RegisterPeer { host: host.clone(), task: id, url: url.clone(), content_digest: digest })
+                                .await;
+                            next_poll = now + Duration::from_millis(200);
+                        }
+                        Err(e) => {
+                            tracing::info!(task = %id, error = %e, "supernode unavailable; continuing with known peers and the origin");
+                            sn_ok = false;
+                            sn_retry_at = now + SUPERNODE_RETRY;
+                        }
+                    }
+                }
+                if !sn_ok {
+                    for piece in stored.missing().filter(|p| !busy.contains(*p)).take(slots) {
+                        let ps = parents.get(&piece).cloned().unwrap_or_else(|| all_parents.clone());
+                        match known.get(&piece) {
+                            Some(d) if !ps.is_empty() && attempts.get(&piece).copied().unwrap_or(0) < 2 => {
+                                planned.push(Job::Parents { piece, digest: *d, parents: ps });
+                            }
+                            _ if !supports_range => {
+                                planned.push(Job::OriginWhole);
+                                break;
+                            }
+                            expected => planned.push(Job::Origin { piece, expected: expected.copied() }),
+                        }
+                    }
+                    next_poll = now + Duration::from_millis(100);
+                }
+                for job in planned {
+                    match &job {
+                        Job::Parents { piece, .. } | Job::Origin { piece, .. } => {
+                            if busy.contains(*piece) || stored.contains(*piece) {
+                                continue;
+                            }
+                            busy.insert(*piece);
+                        }
+                        Job::OriginWhole => {
+                            for p in stored.missing() {
+                                busy.insert(p);
+                            }
+                            whole_running = true;
+                        }
+                    }
+                    jobs.spawn(self.clone().run_job(h.clone(), layout, job, headers.clone(), known.clone(), ev_tx.clone()));
+                }
+            }
+            let sleep = tokio::time::sleep_until(next_poll.max(Instant::now() + Duration::from_millis(5)).into());
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(api_error(ErrorKind::Internal, "daemon shutting down")),
+                ev = ev_rx.recv() => {
+                    let Some(ev) = ev else { continue };
+                    match ev {
+                        Event::Stored { piece, digest, source, bytes } => {
+                            busy.remove(piece);
+                            known.insert(piece, digest);
+                            last_progress = Instant::now();
+                            h.set_stored(piece, true);
+                            match source {
+                                AnnounceSource::Origin => {
+                                    h.from_origin.fetch_add(1, Ordering::Relaxed);
+                                    self.metrics.got_piece("origin", bytes);
+                                }
+                                _ => {
+                                    h.from_peers.fetch_add(1, Ordering::Relaxed);
+                                    self.metrics.got_piece("peer", bytes);
+                                }
+                            }
+                            let _ = ann_tx.try_send((source, PieceRecord { piece, digest }));
+                            // A freed slot is worth a new assignment right away.
+                            next_poll = next_poll.min(Instant::now());
+                        }
+                        Event::Failed { piece, fatal } => {
+                            busy.remove(piece);
+                            if let Some(e) = fatal {
+                                return Err(e);
+                            }
+                            let n = attempts.entry(piece).or_insert(0);
+                            *n += 1;
+                            if *n >= MAX_PIECE_ATTEMPTS {
+                                return Err(api_error(ErrorKind::Stalled, format!("piece {piece} failed {n} times")));
+                            }
+                        }
+                    }
+                }
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {
+                    if whole_running && jobs.is_empty() {
+                        whole_running = false;
+                        busy = PieceSet::new(count);
+                    }
+                }
+                _ = sleep => {}
+            }
+            if last_progress.elapsed() > self.cfg.stall_timeout {
+                return Err(api_error(ErrorKind::Stalled, format!("no piece arrived for {:?}", self.cfg.stall_timeout)));
+            }
+        }
+        jobs.shutdown().await;
+        drop(ann_tx);
+        let store = self.store.clone();
+        let ok = Self::blocking(move || store.verify_complete(&id, digest)).await?.map_err(|e| store_api_error(&e))?;
+        if !ok {
+            h.progress.send_modify(|p| p.stored = PieceSet::new(count));
+            return Err(api_error(
+                ErrorKind::DigestMismatch,
+                format!("content does not match the expected digest {}", digest.map_or_else(String::new, |d| d.to_string())),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn run_job(
+        self: Arc<Self>,
+        h: Arc<TaskHandle>,
+        layout: PieceLayout,
+        job: Job,
+        headers: HeaderMap,
+        known: HashMap<PieceIndex, Sha256Digest>,
+        events: mpsc::Sender<Event>,
+    ) {
+        let id = h.id;
+        match job {
+            Job::Parents { piece, digest, parents } => {
+                let ev = self.fetch_from_parents(id, layout, piece, digest, &parents).await;
+                let _ = events.send(ev).await;
+            }
+            Job::Origin { piece, expected } => {
+                let ev = self.fetch_from_origin(id, &h.request.url, &headers, layout, piece, expected).await;
+                if matches!(ev, Event::Failed { .. }) {
+                    let _ = self
+                        .control
+                        .call(&ControlRequest::PieceFailed { host: self.control.host().clone(), task: id, piece, parent: None, reason: PieceFailure::Origin })
+                        .await;
+                }
+                let _ = events.send(ev).await;
+            }
+            Job::OriginWhole => self.fetch_whole(id, &h.request.url, &headers, layout, &known, &events).await,
+        }
+    }
+
+    async fn store_piece(&self, id: TaskId, piece: PieceIndex, data: Bytes, digest: Sha256Digest) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        Self::blocking(move || store.write_piece(&id, piece, &data, digest))
+            .await?
+            .map_err(|e| store_api_error(&e))
+    }
+
+    async fn fetch_from_parents(&self, id: TaskId, layout: PieceLayout, piece: PieceIndex, digest: Sha256Digest, parents: &[ParentRef]) -> Event {
+        let Some((_, len)) = layout.piece_range(piece) else {
+            return Event::Failed { piece, fatal: None };
+        };
+        for parent in parents {
+            match self.peers.fetch(parent.addr, id, piece, len, digest).await {
+                Ok(data) => {
+                    let bytes = data.len() as u64;
+                    return match self.store_piece(id, piece, data, digest).await {
+                        Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Peer, bytes },
+                        Err(e) => Event::Failed { piece, fatal: Some(e) },
+                    };
+                }
+                Err(e) => {
+                    let reason = match &e {
+                        PeerError::Busy { .. } => None,
+                        PeerError::DigestMismatch { .. } | PeerError::RemoteCorrupt { .. } | PeerError::Length { .. } => Some(PieceFailure::Corrupt),
+                        PeerError::NotFound { .. } => Some(PieceFailure::NotFound),
+                        _ => Some(PieceFailure::Unreachable),
+                    };
+                    let label = match reason {
+                        None => "busy",
+                        Some(PieceFailure::Corrupt) => "corrupt",
+                        Some(PieceFailure::NotFound) => "not_found",
+                        _ => "unreachable",
+                    };
+                    self.metrics.failed(label);
+                    if matches!(reason, Some(PieceFailure::Corrupt)) {
+                        tracing::warn!(task = %id, %piece, parent = %parent.host, error = %e, "bad piece from parent");
+                    } else {
+                        tracing::debug!(task = %id, %piece, parent = %parent.host, error = %e, "parent failed");
+                    }
+                    if matches!(reason, Some(PieceFailure::Unreachable)) {
+                        self.peers.forget(parent.addr).await;
+                    }
+                    if let Some(reason) = reason {
+                        if self.control.is_up() {
+                            let _ = self
+                                .control
+                                .call(&ControlRequest::PieceFailed { host: self.control.host().clone(), task: id, piece, parent: Some(parent.host.clone()), reason })
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+        Event::Failed { piece, fatal: None }
+    }
+
+    async fn fetch_from_origin(&self, id: TaskId, url: &str, headers: &HeaderMap, layout: PieceLayout, piece: PieceIndex, expected: Option<Sha256Digest>) -> Event {
+        let Some((offset, len)) = layout.piece_range(piece) else {
+            return Event::Failed { piece, fatal: None };
+        };
+        let data = match self.origin.fetch_range(url, headers, offset, len).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.failed("origin");
+                tracing::info!(task = %id, %piece, error = %e, "origin fetch failed");
+                let fatal = matches!(&e, OriginError::Status { status, .. } if (400..500).contains(status) && *status != 429)
+                    .then(|| origin_api_error(&e));
+                return Event::Failed { piece, fatal };
+            }
+        };
+        let check = data.clone();
+        let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await else {
+            return Event::Failed { piece, fatal: None };
+        };
+        if expected.is_some_and(|e| e != digest) {
+            tracing::warn!(task = %id, %piece, "origin piece differs from the recorded digest");
+            return Event::Failed { piece, fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))) };
+        }
+        let bytes = data.len() as u64;
+        match self.store_piece(id, piece, data, digest).await {
+            Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Origin, bytes },
+            Err(e) => Event::Failed { piece, fatal: Some(e) },
+        }
+    }
+
+    /// Streams the whole content from an origin without Range support, cutting it into
+    /// pieces as it goes.
+    async fn fetch_whole(&self, id: TaskId, url: &str, headers: &HeaderMap, layout: PieceLayout, known: &HashMap<PieceIndex, Sha256Digest>, events: &mpsc::Sender<Event>) {
+        let stored = self.store.stored(&id).unwrap_or_default();
+        let mut next = PieceIndex(0);
+        let fail_rest = |from: u32, fatal: Option<ApiError>| {
+            let stored = stored.clone();
+            async move {
+                let mut fatal = fatal;
+                for p in from..layout.piece_count() {
+                    if !stored.contains(PieceIndex(p)) {
+                        let _ = events.send(Event::Failed { piece: PieceIndex(p), fatal: fatal.take() }).await;
+                    }
+                }
+            }
+        };
+        let mut body = match self.origin.fetch_all(url, headers).await {
+            Ok(b) => Box::pin(b),
+            Err(e) => {
+                let fatal = matches!(&e, OriginError::Status { status, .. } if (400..500).contains(status)).then(|| origin_api_error(&e));
+                fail_rest(0, fatal).await;
+                return;
+            }
+        };
+        let mut buf = BytesMut::new();
+        while next.0 < layout.piece_count() {
+            let Some((_, len)) = layout.piece_range(next) else { break };
+            while buf.len() < len as usize {
+                match body.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        tracing::info!(task = %id, error = %e, "origin stream broke");
+                        fail_rest(next.0, None).await;
+                        return;
+                    }
+                    None => {
+                        fail_rest(next.0, Some(api_error(ErrorKind::OriginUnreachable, "origin body shorter than its Content-Length"))).await;
+                        return;
+                    }
+                }
+            }
+            let data = buf.split_to(len as usize).freeze();
+            let piece = next;
+            next = PieceIndex(next.0 + 1);
+            if stored.contains(piece) {
+                continue;
+            }
+            let check = data.clone();
+            let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await else { return };
+            if known.get(&piece).is_some_and(|k| *k != digest) {
+                let _ = events.send(Event::Failed { piece, fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))) }).await;
+                return;
+            }
+            let bytes = data.len() as u64;
+            let ev = match self.store_piece(id, piece, data, digest).await {
+                Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Origin, bytes },
+                Err(e) => Event::Failed { piece, fatal: Some(e) },
+            };
+            if events.send(ev).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Reads a verified piece for a local reader. A corrupt piece is dropped from the
+    /// store and the progress, so a restarted download refetches it.
+    pub async fn read_piece(&self, h: &TaskHandle, piece: PieceIndex) -> Result<Bytes, StoreError> {
+        let store = self.store.clone();
+        let id = h.id;
+        let r = tokio::task::spawn_blocking(move || store.read_piece(&id, piece))
+            .await
+            .map_err(|e| StoreError::Io { path: Default::default(), source: std::io::Error::other(e) })?;
+        if let Err(StoreError::Corrupt { .. } | StoreError::Missing { .. }) = &r {
+            self.metrics.corrupt_local_pieces.inc();
+            h.set_stored(piece, false);
+        }
+        r.map(|(b, _)| b)
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends landed pieces to the supernode in batches; whatever is queued while one call
+/// is in flight goes in the next.
+async fn announce_loop(control: Arc<ControlClient>, host: proto::HostId, task: TaskId, mut rx: mpsc::Receiver<(AnnounceSource, PieceRecord)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        for source in [AnnounceSource::Origin, AnnounceSource::Peer] {
+            let pieces: Vec<PieceRecord> = batch.iter().filter(|(s, _)| *s == source).map(|(_, r)| *r).collect();
+            if pieces.is_empty() || !control.is_up() {
+                continue;
+            }
+            if let Err(e) = control.call(&ControlRequest::AnnouncePieces { host: host.clone(), task, source, pieces }).await {
+                tracing::debug!(%task, error = %e, "announce failed; pieces are re-announced on re-registration");
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! `dfdaemon`: parse configuration, run the daemon until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow};
+use clap::Parser;
+use dfdaemon::config::{DaemonConfig, FileConfig, Overrides};
+
+/// The dfp2p per-host daemon: piece store, P2P downloader, QUIC piece server and the
+/// local API for dfget. Without --supernode it runs its own in-process supernode.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// TOML config file; flags override it. Unknown keys are rejected.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Supernode control address (host:port, UDP/QUIC). Omit to run an embedded
+    /// supernode in this process (the one-machine default).
+    #[arg(long)]
+    supernode: Option<std::net::SocketAddr>,
+    /// Piece store, metadata and (embedded mode) supernode state [default: /var/lib/dfp2p/dfdaemon]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// QUIC address other daemons fetch pieces from [default: 0.0.0.0:65000]
+    #[arg(long)]
+    peer_listen: Option<std::net::SocketAddr>,
+    /// Address announced to other daemons [default: --peer-listen, with an unspecified IP
+    /// replaced by the one that routes to the supernode]
+    #[arg(long)]
+    advertise_addr: Option<std::net::SocketAddr>,
+    /// Unix socket of the local API for dfget [default: /run/dfp2p/dfdaemon.sock]
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Host id; several daemons on one machine need distinct ids [default: the hostname]
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Host label key=value (idc, zone, rack, or anything); repeatable
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Cluster CA certificate [default: <data-dir>/ca.pem; created in embedded mode]
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Cluster CA key [default: <data-dir>/ca-key.pem; created in embedded mode]
+    #[arg(long)]
+    ca_key: Option<PathBuf>,
+    /// Disk quota of the piece store, e.g. 20GiB [default: 20GiB]
+    #[arg(long)]
+    quota: Option<String>,
+    /// Concurrent piece uploads to other daemons [default: 16]
+    #[arg(long)]
+    upload_slots: Option<u32>,
+    /// Log one JSON object per line instead of text
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    supernode::init_tracing(args.log_json);
+    let file: FileConfig = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let flags = Overrides {
+        supernode: args.supernode,
+        data_dir: args.data_dir,
+        peer_listen: args.peer_listen,
+        advertise_addr: args.advertise_addr,
+        api_sock: args.api_sock,
+        host_id: args.host_id,
+        labels: args.labels,
+        ca_cert: args.ca_cert,
+        ca_key: args.ca_key,
+        quota: args.quota,
+        upload_slots: args.upload_slots,
+    };
+    let cfg = DaemonConfig::resolve(file, flags).map_err(|errs| anyhow!("invalid configuration:\n  {}", errs.join("\n  ")))?;
+    let daemon = dfdaemon::Daemon::start(cfg).await?;
+    if let Some(api) = daemon.supernode_api {
+        tracing::info!(%api, "embedded supernode HTTP API");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    daemon.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The origin: plain HTTP(S) GETs, by Range where the server supports it.
+//!
+//! The probe asks for one byte (`Range: bytes=0-0`) rather than sending a HEAD: signed
+//! URLs are often valid for GET only, and a 206 answer tells both the length (from
+//! `Content-Range`) and that ranges work.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, HeaderName, HeaderValue, RANGE};
+use thiserror::Error;
+
+/// Connecting to the origin may take this long before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An origin that sends nothing for this long mid-body is treated as failed.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Error)]
+pub enum OriginError {
+    #[error("origin answered {status} for {url}")]
+    Status { status: u16, url: String },
+    #[error("origin unreachable: {0}")]
+    Unreachable(String),
+    #[error("origin protocol: {0}")]
+    Protocol(String),
+    #[error("bad request header {0:?}")]
+    BadHeader(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub content_length: u64,
+    pub supports_range: bool,
+}
+
+#[derive(Clone)]
+pub struct Origin {
+    client: reqwest::Client,
+}
+
+pub fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, OriginError> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| OriginError::BadHeader(k.clone()))?;
+        let value = HeaderValue::from_str(v).map_err(|_| OriginError::BadHeader(k.clone()))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn send_error(e: reqwest::Error) -> OriginError {
+    OriginError::Unreachable(e.to_string())
+}
+
+impl Origin {
+    pub fn new() -> Result<Self, OriginError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            // The daemon is not a browser: no proxy settings from the environment leak in
+            // between it and the origin unless configured (and none is, yet).
+            .no_proxy()
+            .build()
+            .map_err(|e| OriginError::Protocol(e.to_string()))?;
+        Ok(Self { client })
+    }
+
+    pub async fn probe(&self, url: &str, headers: &HeaderMap) -> Result<Probe, OriginError> {
+        let resp = self
+            .client
+            .get(url)
+            .headers(headers.clone())
+            .header(RANGE, "bytes=0-0")
+            .send()
+            .await
+            .map_err(send_error)?;
+        let status = resp.status().as_u16();
+        match status {
+            206 => {
+                let total = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit_once('/'))
+                    .and_then(|(_, total)| total.trim().parse::<u64>().ok())
+                    .ok_or_else(|| OriginError::Protocol("206 without a usable Content-Range".into()))?;
+                Ok(Probe {
+                    content_length: total,
+                    supports_range: true,
+                })
+            }
+            200 => {
+                let len = resp
+                    .headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| OriginError::Protocol("origin sent neither a range nor a Content-Length".into()))?;
+                // Dropping the response closes the connection before the body is read.
+                Ok(Probe {
+                    content_length: len,
+                    supports_range: false,
+                })
+            }
+            // Range on an empty file.
+            416 => Ok(Probe {
+                content_length: 0,
+                supports_range: true,
+            }),
+            _ => Err(OriginError::Status {
+                status,
+                url: url.to_string(),
+            }),
+        }
+    }
+
+    /// Fetches exactly `len` bytes at `offset` by Range.
+    pub async fn fetch_range(&self, url: &str, headers: &HeaderMap, offset: u64, len: u32) -> Result<Bytes, OriginError> {
+        let last = offset + u64::from(len) - 1;
+        let resp = self
+            .client
+            .get(url)
+            .headers(headers.clone())
+            .header(RANGE, format!("bytes={offset}-{last}"))
+            .send()
+            .await
+            .map_err(send_error)?;
+        let status = resp.status().as_u16();
+        if status != 206 {
+            return Err(OriginError::Status {
+                status,
+                url: url.to_string(),
+            });
+        }
+        let mut buf = BytesMut::with_capacity(len as usize);
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(send_error)?;
+            if buf.len() + chunk.len() > len as usize {
+                return Err(OriginError::Protocol(format!("range answer longer than {len} bytes")));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() != len as usize {
+            return Err(OriginError::Protocol(format!("range answer of {} bytes, wanted {len}", buf.len())));
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The whole body, for origins without Range support.
+    pub async fn fetch_all(
+        &self,
+        url: &str,
+        headers: &HeaderMap,
+    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, OriginError>> + use<>, OriginError> {
+        let resp = self.client.get(url).headers(headers.clone()).send().await.map_err(send_error)?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(OriginError::Status {
+                status,
+                url: url.to_string(),
+            });
+        }
+        Ok(resp.bytes_stream().map(|c| c.map_err(send_error)))
+    }
+}

@@ -1,0 +1,529 @@
+//! The local piece store: one data file per task plus sled metadata.
+//!
+//! * `meta` tree: task id -> [`TaskMeta`] (URL, layout, expected content digest, whether
+//!   the whole content was verified, last access for LRU).
+//! * `pieces` tree: task id ++ piece index (big-endian) -> the piece's sha256. A key
+//!   exists only after the piece's bytes were written, so a crash between the two leaves
+//!   a piece missing (refetched), never a record pointing at unwritten bytes.
+//! * `data/<task>.data`: the content at its final offsets; pieces are written with
+//!   positioned writes, so pieces arriving out of order need no reassembly.
+//!
+//! Every read is verified against the stored digest before its bytes leave this module:
+//! a flipped bit on disk is reported as [`StoreError::Corrupt`], the piece is forgotten
+//! and gets refetched; it is never served.
+//!
+//! Space: tasks reserve their full content length up front against the quota; complete,
+//! unused tasks are evicted least-recently-used first to make room.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use proto::{PieceIndex, PieceLayout, PieceSet, Sha256Digest, TaskId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("piece {piece} of task {task} is corrupt on disk (digest mismatch); dropped")]
+    Corrupt { task: TaskId, piece: PieceIndex },
+    #[error("piece {piece} of task {task} is not stored")]
+    Missing { task: TaskId, piece: PieceIndex },
+    #[error("task {0} is not in the store")]
+    UnknownTask(TaskId),
+    #[error("task {0} has no layout yet")]
+    NoLayout(TaskId),
+    #[error("piece {piece} of task {task} has {got} bytes, layout says {want}")]
+    PieceLength { task: TaskId, piece: PieceIndex, got: usize, want: u32 },
+    #[error("disk quota: need {need} bytes, {free} free of {quota} after evicting unused content")]
+    Quota { need: u64, free: u64, quota: u64 },
+    #[error("store I/O on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("store metadata: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store metadata encoding: {0}")]
+    Encode(#[from] postcard::Error),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskMeta {
+    pub url: String,
+    pub layout: Option<PieceLayout>,
+    pub supports_range: bool,
+    pub content_digest: Option<Sha256Digest>,
+    /// The whole content was checked against `content_digest` (or had none to check).
+    pub complete: bool,
+    pub last_access: u64,
+}
+
+struct Entry {
+    meta: TaskMeta,
+    stored: PieceSet,
+    digests: Vec<Option<Sha256Digest>>,
+    file: Option<Arc<File>>,
+    /// Readers and downloads using the task; a task in use is never evicted.
+    users: u32,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    quota: u64,
+    meta: sled::Tree,
+    pieces: sled::Tree,
+    _db: sled::Db,
+    entries: Mutex<HashMap<TaskId, Entry>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn piece_key(task: &TaskId, piece: PieceIndex) -> [u8; 36] {
+    let mut k = [0u8; 36];
+    k[..32].copy_from_slice(task.as_bytes());
+    k[32..].copy_from_slice(&piece.0.to_be_bytes());
+    k
+}
+
+/// Keeps a task from eviction while alive.
+pub struct TaskLease {
+    store: Arc<Store>,
+    task: TaskId,
+}
+
+impl Drop for TaskLease {
+    fn drop(&mut self) {
+        if let Some(e) = self.store.lock().get_mut(&self.task) {
+            e.users = e.users.saturating_sub(1);
+        }
+    }
+}
+
+impl Store {
+    pub fn open(dir: &Path, quota: u64) -> Result<Arc<Self>, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).map_err(io(&data))?;
+        let db_path = dir.join("store.sled");
+        let db = match sled::open(&db_path) {
+            Ok(db) => db,
+            Err(e) => {
+                // The data files are only a cache: start over rather than refuse to run.
+                tracing::error!(error = %e, "piece store metadata unreadable; starting with an empty cache");
+                let _ = std::fs::remove_dir_all(&db_path);
+                let _ = std::fs::remove_dir_all(&data);
+                std::fs::create_dir_all(&data).map_err(io(&data))?;
+                sled::open(&db_path)?
+            }
+        };
+        let meta = db.open_tree("meta")?;
+        let pieces = db.open_tree("pieces")?;
+        let store = Self {
+            dir: dir.to_path_buf(),
+            quota,
+            meta,
+            pieces,
+            _db: db,
+            entries: Mutex::new(HashMap::new()),
+        };
+        store.load()?;
+        Ok(Arc::new(store))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn data_path(&self, task: &TaskId) -> PathBuf {
+        self.dir.join("data").join(format!("{task}.data"))
+    }
+
+    fn load(&self) -> Result<(), StoreError> {
+        let mut entries = self.lock();
+        for kv in self.meta.iter() {
+            let (k, v) = kv?;
+            let Ok(id) = <[u8; 32]>::try_from(k.as_ref()).map(TaskId::from_bytes) else { continue };
+            let Ok(meta) = postcard::from_bytes::<TaskMeta>(&v) else {
+                tracing::warn!(task = %id, "dropping undecodable task metadata");
+                let _ = self.meta.remove(&k);
+                continue;
+            };
+            let count = meta.layout.map_or(0, |l| l.piece_count());
+            let mut stored = PieceSet::new(count);
+            let mut digests = vec![None; count as usize];
+            for kv in self.pieces.scan_prefix(id.as_bytes()) {
+                let (k, v) = kv?;
+                let idx = u32::from_be_bytes(k[32..36].try_into().unwrap_or([0xff; 4]));
+                if let (Some(slot), Ok(d)) = (digests.get_mut(idx as usize), <[u8; 32]>::try_from(v.as_ref())) {
+                    *slot = Some(Sha256Digest::from_bytes(d));
+                    stored.insert(PieceIndex(idx));
+                }
+            }
+            let file = match meta.layout {
+                Some(_) => File::options().read(true).write(true).open(self.data_path(&id)).ok().map(Arc::new),
+                None => None,
+            };
+            if meta.layout.is_some() && file.is_none() {
+                // Data file gone: whatever the metadata says is stored isn't.
+                stored = PieceSet::new(count);
+                digests = vec![None; count as usize];
+                let _ = self.clear_pieces(&id);
+            }
+            entries.insert(
+                id,
+                Entry {
+                    meta,
+                    stored,
+                    digests,
+                    file,
+                    users: 0,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn clear_pieces(&self, task: &TaskId) -> Result<(), StoreError> {
+        for k in self.pieces.scan_prefix(task.as_bytes()).keys() {
+            self.pieces.remove(k?)?;
+        }
+        Ok(())
+    }
+
+    fn put_meta(&self, task: &TaskId, meta: &TaskMeta) -> Result<(), StoreError> {
+        self.meta.insert(task.as_bytes(), postcard::to_allocvec(meta)?)?;
+        Ok(())
+    }
+
+    /// Opens (or creates) a task's entry and keeps it from eviction while the lease lives.
+    pub fn open_task(
+        self: &Arc<Self>,
+        task: TaskId,
+        url: &str,
+        content_digest: Option<Sha256Digest>,
+    ) -> Result<TaskLease, StoreError> {
+        let mut entries = self.lock();
+        let e = entries.entry(task).or_insert_with(|| Entry {
+            meta: TaskMeta {
+                url: url.to_string(),
+                layout: None,
+                supports_range: false,
+                content_digest,
+                complete: false,
+                last_access: now_secs(),
+            },
+            stored: PieceSet::new(0),
+            digests: Vec::new(),
+            file: None,
+            users: 0,
+        });
+        e.users += 1;
+        e.meta.last_access = now_secs();
+        let meta = e.meta.clone();
+        drop(entries);
+        self.put_meta(&task, &meta)?;
+        Ok(TaskLease {
+            store: self.clone(),
+            task,
+        })
+    }
+
+    pub fn meta(&self, task: &TaskId) -> Option<TaskMeta> {
+        self.lock().get(task).map(|e| e.meta.clone())
+    }
+
+    pub fn stored(&self, task: &TaskId) -> Option<PieceSet> {
+        self.lock().get(task).map(|e| e.stored.clone())
+    }
+
+    pub fn digests(&self, task: &TaskId) -> Vec<(PieceIndex, Sha256Digest)> {
+        self.lock().get(task).map_or_else(Vec::new, |e| {
+            e.digests
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| d.map(|d| (PieceIndex(i as u32), d)))
+                .collect()
+        })
+    }
+
+    /// Every task with a layout and at least one piece, for re-announcing.
+    pub fn tasks(&self) -> Vec<(TaskId, TaskMeta)> {
+        self.lock().iter().map(|(id, e)| (*id, e.meta.clone())).collect()
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.lock()
+            .values()
+            .filter_map(|e| e.meta.layout.map(|l| l.content_length))
+            .sum()
+    }
+
+    /// Fixes the task's layout and reserves its space, evicting unused complete tasks
+    /// (least recently used first) if the quota demands it. A layout that differs from
+    /// the stored one discards what was stored (the content changed).
+    pub fn set_layout(&self, task: &TaskId, layout: PieceLayout, supports_range: bool) -> Result<(), StoreError> {
+        let mut entries = self.lock();
+        let current = entries.get(task).ok_or(StoreError::UnknownTask(*task))?;
+        if current.meta.layout == Some(layout) && current.file.is_some() {
+            return Ok(());
+        }
+        let need = layout.content_length;
+        let mut used: u64 = entries
+            .iter()
+            .filter(|(id, _)| *id != task)
+            .filter_map(|(_, e)| e.meta.layout.map(|l| l.content_length))
+            .sum();
+        if used + need > self.quota {
+            let mut victims: Vec<(u64, TaskId, u64)> = entries
+                .iter()
+                .filter(|(id, e)| *id != task && e.users == 0)
+                .filter_map(|(id, e)| e.meta.layout.map(|l| (e.meta.last_access, *id, l.content_length)))
+                .collect();
+            victims.sort();
+            for (_, id, len) in victims {
+                if used + need <= self.quota {
+                    break;
+                }
+                tracing::info!(task = %id, bytes = len, "evicting least recently used content for quota");
+                entries.remove(&id);
+                self.remove_files(&id);
+                used -= len;
+            }
+            if used + need > self.quota {
+                return Err(StoreError::Quota {
+                    need,
+                    free: self.quota.saturating_sub(used),
+                    quota: self.quota,
+                });
+            }
+        }
+        let path = self.data_path(task);
+        let io = |source| StoreError::Io { path: path.clone(), source };
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).map_err(io)?;
+        file.set_len(layout.content_length).map_err(io)?;
+        self.clear_pieces(task)?;
+        let e = entries.get_mut(task).ok_or(StoreError::UnknownTask(*task))?;
+        e.meta.layout = Some(layout);
+        e.meta.supports_range = supports_range;
+        e.meta.complete = false;
+        e.stored = PieceSet::new(layout.piece_count());
+        e.digests = vec![None; layout.piece_count() as usize];
+        e.file = Some(Arc::new(file));
+        let meta = e.meta.clone();
+        drop(entries);
+        self.put_meta(task, &meta)
+    }
+
+    fn remove_files(&self, task: &TaskId) {
+        let _ = self.meta.remove(task.as_bytes());
+        let _ = self.clear_pieces(task);
+        let _ = std::fs::remove_file(self.data_path(task));
+    }
+
+    fn file_and_range(&self, task: &TaskId, piece: PieceIndex) -> Result<(Arc<File>, u64, u32, Option<Sha256Digest>), StoreError> {
+        let entries = self.lock();
+        let e = entries.get(task).ok_or(StoreError::UnknownTask(*task))?;
+        let layout = e.meta.layout.ok_or(StoreError::NoLayout(*task))?;
+        let (offset, len) = layout.piece_range(piece).ok_or(StoreError::Missing { task: *task, piece })?;
+        let file = e.file.clone().ok_or(StoreError::NoLayout(*task))?;
+        let digest = if e.stored.contains(piece) { e.digests[piece.0 as usize] } else { None };
+        Ok((file, offset, len, digest))
+    }
+
+    /// Writes a piece whose bytes the caller has verified against `digest`, then records it.
+    /// Blocking: call from a blocking context.
+    pub fn write_piece(&self, task: &TaskId, piece: PieceIndex, data: &[u8], digest: Sha256Digest) -> Result<(), StoreError> {
+        let (file, offset, len, _) = self.file_and_range(task, piece)?;
+        if data.len() != len as usize {
+            return Err(StoreError::PieceLength { task: *task, piece, got: data.len(), want: len });
+        }
+        file.write_all_at(data, offset).map_err(|source| StoreError::Io { path: self.data_path(task), source })?;
+        self.pieces.insert(piece_key(task, piece), digest.as_bytes().as_slice())?;
+        let mut entries = self.lock();
+        if let Some(e) = entries.get_mut(task) {
+            e.stored.insert(piece);
+            if let Some(slot) = e.digests.get_mut(piece.0 as usize) {
+                *slot = Some(digest);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a stored piece and checks it against its digest. A mismatch drops the piece
+    /// (so it is refetched) and reports [`StoreError::Corrupt`]. Blocking.
+    pub fn read_piece(&self, task: &TaskId, piece: PieceIndex) -> Result<(Bytes, Sha256Digest), StoreError> {
+        let (file, offset, len, digest) = self.file_and_range(task, piece)?;
+        let digest = digest.ok_or(StoreError::Missing { task: *task, piece })?;
+        let mut buf = BytesMut::zeroed(len as usize);
+        file.read_exact_at(&mut buf, offset).map_err(|source| StoreError::Io { path: self.data_path(task), source })?;
+        if Sha256Digest::from(Sha256::digest(&buf)) != digest {
+            tracing::error!(%task, %piece, "stored piece failed verification; dropping it");
+            self.drop_piece(task, piece);
+            return Err(StoreError::Corrupt { task: *task, piece });
+        }
+        Ok((buf.freeze(), digest))
+    }
+
+    pub fn drop_piece(&self, task: &TaskId, piece: PieceIndex) {
+        let _ = self.pieces.remove(piece_key(task, piece));
+        let mut entries = self.lock();
+        if let Some(e) = entries.get_mut(task) {
+            e.stored.remove(piece);
+            e.meta.complete = false;
+            let meta = e.meta.clone();
+            drop(entries);
+            let _ = self.put_meta(task, &meta);
+        }
+    }
+
+    /// Checks the whole content against `expected` (blocking; streams the data file) and
+    /// marks the task complete if it matches. A mismatch drops every piece.
+    pub fn verify_complete(&self, task: &TaskId, expected: Option<Sha256Digest>) -> Result<bool, StoreError> {
+        let (file, len) = {
+            let entries = self.lock();
+            let e = entries.get(task).ok_or(StoreError::UnknownTask(*task))?;
+            let layout = e.meta.layout.ok_or(StoreError::NoLayout(*task))?;
+            if !e.stored.is_full() {
+                return Ok(false);
+            }
+            (e.file.clone().ok_or(StoreError::NoLayout(*task))?, layout.content_length)
+        };
+        if let Some(expected) = expected {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < len {
+                let n = (len - off).min(buf.len() as u64) as usize;
+                file.read_exact_at(&mut buf[..n], off).map_err(|source| StoreError::Io { path: self.data_path(task), source })?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            if Sha256Digest::from(h.finalize()) != expected {
+                let count = self.lock().get(task).map_or(0, |e| e.stored.len());
+                for p in 0..count {
+                    self.drop_piece(task, PieceIndex(p));
+                }
+                return Ok(false);
+            }
+        }
+        let mut entries = self.lock();
+        if let Some(e) = entries.get_mut(task) {
+            e.meta.complete = true;
+            let meta = e.meta.clone();
+            drop(entries);
+            self.put_meta(task, &meta)?;
+        }
+        Ok(true)
+    }
+
+    /// Forgets a task whose content can't be trusted (e.g. it failed its digest).
+    pub fn remove_task(&self, task: &TaskId) {
+        self.lock().remove(task);
+        self.remove_files(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::layout::MIN_PIECE_SIZE;
+
+    fn layout(len: u64) -> PieceLayout {
+        PieceLayout::new(len, MIN_PIECE_SIZE).unwrap()
+    }
+
+    fn content(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    fn fill(store: &Store, task: &TaskId, data: &[u8]) {
+        let l = layout(data.len() as u64);
+        for p in l.pieces() {
+            let (o, n) = l.piece_range(p).unwrap();
+            let bytes = &data[o as usize..o as usize + n as usize];
+            store.write_piece(task, p, bytes, Sha256Digest::of(bytes)).unwrap();
+        }
+    }
+
+    #[test]
+    fn pieces_survive_reopen_and_corruption_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = TaskId::for_url("http://o/a", &[], None);
+        let data = content(MIN_PIECE_SIZE as usize * 2 + 5);
+        {
+            let s = Store::open(dir.path(), u64::MAX).unwrap();
+            let _l = s.open_task(task, "http://o/a", None).unwrap();
+            s.set_layout(&task, layout(data.len() as u64), true).unwrap();
+            fill(&s, &task, &data[..]);
+            assert!(s.verify_complete(&task, Some(Sha256Digest::of(&data))).unwrap());
+        }
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert!(s.stored(&task).unwrap().is_full());
+        assert!(s.meta(&task).unwrap().complete);
+        let (p1, _) = s.read_piece(&task, PieceIndex(1)).unwrap();
+        assert_eq!(&p1[..], &data[MIN_PIECE_SIZE as usize..2 * MIN_PIECE_SIZE as usize]);
+        // Flip one byte of piece 1 on disk.
+        let path = dir.path().join("data").join(format!("{task}.data"));
+        let f = File::options().write(true).open(path).unwrap();
+        f.write_all_at(&[data[MIN_PIECE_SIZE as usize] ^ 1], u64::from(MIN_PIECE_SIZE)).unwrap();
+        assert!(matches!(s.read_piece(&task, PieceIndex(1)), Err(StoreError::Corrupt { .. })));
+        assert!(!s.stored(&task).unwrap().contains(PieceIndex(1)), "corrupt piece forgotten");
+        assert!(!s.meta(&task).unwrap().complete);
+    }
+
+    #[test]
+    fn wrong_whole_digest_drops_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        let task = TaskId::for_url("http://o/b", &[], None);
+        let data = content(1000);
+        let _l = s.open_task(task, "u", None).unwrap();
+        s.set_layout(&task, layout(1000), true).unwrap();
+        fill(&s, &task, &data);
+        assert!(!s.verify_complete(&task, Some(Sha256Digest::of(b"other"))).unwrap());
+        assert_eq!(s.stored(&task).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn quota_evicts_least_recently_used_unused_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 2500).unwrap();
+        let ids: Vec<TaskId> = (0..3).map(|i| TaskId::for_url(&format!("http://o/{i}"), &[], None)).collect();
+        {
+            let _a = s.open_task(ids[0], "a", None).unwrap();
+            s.set_layout(&ids[0], layout(1000), true).unwrap();
+        }
+        let _b = s.open_task(ids[1], "b", None).unwrap();
+        s.set_layout(&ids[1], layout(1000), true).unwrap();
+        // Third task needs room: the unused first one goes, the leased second stays.
+        let _c = s.open_task(ids[2], "c", None).unwrap();
+        s.set_layout(&ids[2], layout(1000), true).unwrap();
+        assert!(s.meta(&ids[0]).is_none());
+        assert!(s.meta(&ids[1]).is_some());
+        // Nothing left to evict: a clear quota error.
+        let d = TaskId::for_url("http://o/d", &[], None);
+        let _d = s.open_task(d, "d", None).unwrap();
+        assert!(matches!(s.set_layout(&d, layout(1000), true), Err(StoreError::Quota { .. })));
+    }
+
+    #[test]
+    fn short_piece_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        let task = TaskId::for_url("http://o/c", &[], None);
+        let _l = s.open_task(task, "u", None).unwrap();
+        s.set_layout(&task, layout(100), true).unwrap();
+        assert!(matches!(
+            s.write_piece(&task, PieceIndex(0), &[0; 99], Sha256Digest::of(&[0; 99])),
+            Err(StoreError::PieceLength { .. })
+        ));
+    }
+}
