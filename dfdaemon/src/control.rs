@@ -186,8 +186,15 @@ impl ControlClient {
     }
 
     /// Heartbeats until cancelled; re-registers whenever the supernode doesn't know us.
-    pub async fn run(self: Arc<Self>, store: Arc<Store>, uploads: Arc<tokio::sync::Semaphore>, upload_slots: u32, cancel: CancellationToken) {
-        let mut registered = false;
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<Store>,
+        uploads: Arc<tokio::sync::Semaphore>,
+        upload_slots: u32,
+        registered: bool,
+        cancel: CancellationToken,
+    ) {
+        let mut registered = registered;
         let mut every = tokio::time::interval(HEARTBEAT);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -55,6 +55,10 @@ const KEEP_FINISHED: usize = 1024;
 const SUPERNODE_RETRY: Duration = Duration::from_secs(3);
 /// Attempts at one piece before the download fails.
 const MAX_PIECE_ATTEMPTS: u32 = 12;
+/// Rounds through a piece's parents while all of them answer `Busy`.
+const BUSY_ROUNDS: u32 = 4;
+/// Wait before the next round, times the round number.
+const BUSY_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -87,6 +91,7 @@ pub struct TaskHandle {
     progress: watch::Sender<Progress>,
     from_origin: AtomicU64,
     from_peers: AtomicU64,
+    at_start: u32,
 }
 
 impl TaskHandle {
@@ -108,6 +113,7 @@ impl TaskHandle {
             piece_size: p.layout.map(|l| l.piece_size),
             pieces_total: p.layout.map_or(0, |l| l.piece_count()),
             pieces_stored: p.stored.count(),
+            pieces_at_start: self.at_start,
             pieces_from_origin: self.from_origin.load(Ordering::Relaxed),
             pieces_from_peers: self.from_peers.load(Ordering::Relaxed),
             error: p.error,
@@ -204,7 +210,8 @@ pub struct Engine {
 
 enum Event {
     Stored { piece: PieceIndex, digest: Sha256Digest, source: AnnounceSource, bytes: u64 },
-    Failed { piece: PieceIndex, fatal: Option<ApiError> },
+    /// `busy`: every parent was out of upload slots; not a strike against the piece.
+    Failed { piece: PieceIndex, fatal: Option<ApiError>, busy: bool },
 }
 
 /// Where a fetch job gets its piece(s).
@@ -282,9 +289,11 @@ impl Engine {
         }
         let stored = self.store.stored(&id);
         let layout = self.store.meta(&id).and_then(|m| m.layout);
+        let stored = stored.unwrap_or_default();
+        let at_start = stored.count();
         let (tx, _) = watch::channel(Progress {
             layout,
-            stored: stored.unwrap_or_default(),
+            stored,
             state: TaskState::Running,
             error: None,
         });
@@ -294,6 +303,7 @@ impl Engine {
             progress: tx,
             from_origin: AtomicU64::new(0),
             from_peers: AtomicU64::new(0),
+            at_start,
         });
         running.insert(id, handle.clone());
         drop(running);
@@ -443,7 +453,7 @@ impl Engine {
             let host = host.clone();
             tokio::spawn(announce_loop(control, host, id, ann_rx))
         };
-        let _abort_announcer = AbortOnDrop(announcer);
+        let mut announcer = AbortOnDrop(announcer);
 
         let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(64);
         let mut jobs: JoinSet<()> = JoinSet::new();
@@ -549,37 +559,11 @@ impl Engine {
                 _ = self.cancel.cancelled() => return Err(api_error(ErrorKind::Internal, "daemon shutting down")),
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { continue };
-                    match ev {
-                        Event::Stored { piece, digest, source, bytes } => {
-                            busy.remove(piece);
-                            known.insert(piece, digest);
-                            last_progress = Instant::now();
-                            h.set_stored(piece, true);
-                            match source {
-                                AnnounceSource::Origin => {
-                                    h.from_origin.fetch_add(1, Ordering::Relaxed);
-                                    self.metrics.got_piece("origin", bytes);
-                                }
-                                _ => {
-                                    h.from_peers.fetch_add(1, Ordering::Relaxed);
-                                    self.metrics.got_piece("peer", bytes);
-                                }
-                            }
-                            let _ = ann_tx.try_send((source, PieceRecord { piece, digest }));
-                            // A freed slot is worth a new assignment right away.
-                            next_poll = next_poll.min(Instant::now());
-                        }
-                        Event::Failed { piece, fatal } => {
-                            busy.remove(piece);
-                            if let Some(e) = fatal {
-                                return Err(e);
-                            }
-                            let n = attempts.entry(piece).or_insert(0);
-                            *n += 1;
-                            if *n >= MAX_PIECE_ATTEMPTS {
-                                return Err(api_error(ErrorKind::Stalled, format!("piece {piece} failed {n} times")));
-                            }
-                        }
+                    if let Some(p) = self.on_event(h, ev, &mut busy, &mut known, &mut attempts, &ann_tx)? {
+                        last_progress = Instant::now();
+                        let _ = p;
+                        // A freed slot is worth a new assignment right away.
+                        next_poll = next_poll.min(Instant::now());
                     }
                 }
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {
@@ -594,8 +578,18 @@ impl Engine {
                 return Err(api_error(ErrorKind::Stalled, format!("no piece arrived for {:?}", self.cfg.stall_timeout)));
             }
         }
+        // Jobs still running fetch pieces nobody needs any more; results already queued
+        // still count (metrics, announcements, progress).
         jobs.shutdown().await;
+        drop(ev_tx);
+        while let Ok(ev) = ev_rx.try_recv() {
+            let _ = self.on_event(h, ev, &mut busy, &mut known, &mut attempts, &ann_tx);
+        }
+        let stored_now = self.store.stored(&id).unwrap_or_default();
+        h.progress.send_modify(|p| p.stored = stored_now);
+        // Let the announcer send what is queued; it ends when the channel is drained.
         drop(ann_tx);
+        let _ = tokio::time::timeout(crate::control::CALL_TIMEOUT, &mut announcer.0).await;
         let store = self.store.clone();
         let ok = Self::blocking(move || store.verify_complete(&id, digest)).await?.map_err(|e| store_api_error(&e))?;
         if !ok {
@@ -606,6 +600,48 @@ impl Engine {
             ));
         }
         Ok(())
+    }
+
+    /// Applies one job result; `Ok(Some(piece))` when a piece landed.
+    fn on_event(
+        &self,
+        h: &TaskHandle,
+        ev: Event,
+        busy: &mut PieceSet,
+        known: &mut HashMap<PieceIndex, Sha256Digest>,
+        attempts: &mut HashMap<PieceIndex, u32>,
+        ann_tx: &mpsc::Sender<(AnnounceSource, PieceRecord)>,
+    ) -> Result<Option<PieceIndex>, ApiError> {
+        match ev {
+            Event::Stored { piece, digest, source, bytes } => {
+                busy.remove(piece);
+                known.insert(piece, digest);
+                h.set_stored(piece, true);
+                if source == AnnounceSource::Origin {
+                    h.from_origin.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.got_piece("origin", bytes);
+                } else {
+                    h.from_peers.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.got_piece("peer", bytes);
+                }
+                let _ = ann_tx.try_send((source, PieceRecord { piece, digest }));
+                Ok(Some(piece))
+            }
+            Event::Failed { piece, fatal, busy: all_busy } => {
+                busy.remove(piece);
+                if let Some(e) = fatal {
+                    return Err(e);
+                }
+                if !all_busy {
+                    let n = attempts.entry(piece).or_insert(0);
+                    *n += 1;
+                    if *n >= MAX_PIECE_ATTEMPTS {
+                        return Err(api_error(ErrorKind::Stalled, format!("piece {piece} failed {n} times")));
+                    }
+                }
+                Ok(None)
+            }
+        }
     }
 
     async fn run_job(
@@ -646,56 +682,64 @@ impl Engine {
 
     async fn fetch_from_parents(&self, id: TaskId, layout: PieceLayout, piece: PieceIndex, digest: Sha256Digest, parents: &[ParentRef]) -> Event {
         let Some((_, len)) = layout.piece_range(piece) else {
-            return Event::Failed { piece, fatal: None };
+            return Event::Failed { piece, fatal: None, busy: false };
         };
-        for parent in parents {
-            match self.peers.fetch(parent.addr, id, piece, len, digest).await {
-                Ok(data) => {
-                    let bytes = data.len() as u64;
-                    return match self.store_piece(id, piece, data, digest).await {
-                        Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Peer, bytes },
-                        Err(e) => Event::Failed { piece, fatal: Some(e) },
-                    };
-                }
-                Err(e) => {
-                    let reason = match &e {
-                        PeerError::Busy { .. } => None,
-                        PeerError::DigestMismatch { .. } | PeerError::RemoteCorrupt { .. } | PeerError::Length { .. } => Some(PieceFailure::Corrupt),
-                        PeerError::NotFound { .. } => Some(PieceFailure::NotFound),
-                        _ => Some(PieceFailure::Unreachable),
-                    };
-                    let label = match reason {
-                        None => "busy",
-                        Some(PieceFailure::Corrupt) => "corrupt",
-                        Some(PieceFailure::NotFound) => "not_found",
-                        _ => "unreachable",
-                    };
-                    self.metrics.failed(label);
-                    if matches!(reason, Some(PieceFailure::Corrupt)) {
-                        tracing::warn!(task = %id, %piece, parent = %parent.host, error = %e, "bad piece from parent");
-                    } else {
-                        tracing::debug!(task = %id, %piece, parent = %parent.host, error = %e, "parent failed");
+        let mut candidates: Vec<&ParentRef> = parents.iter().collect();
+        for round in 0..BUSY_ROUNDS {
+            let mut busy = Vec::new();
+            for parent in candidates {
+                match self.peers.fetch(parent.addr, id, piece, len, digest).await {
+                    Ok(data) => {
+                        let bytes = data.len() as u64;
+                        return match self.store_piece(id, piece, data, digest).await {
+                            Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Peer, bytes },
+                            Err(e) => Event::Failed { piece, fatal: Some(e), busy: false },
+                        };
                     }
-                    if matches!(reason, Some(PieceFailure::Unreachable)) {
-                        self.peers.forget(parent.addr).await;
+                    Err(PeerError::Busy { .. }) => {
+                        self.metrics.failed("busy");
+                        busy.push(parent);
                     }
-                    if let Some(reason) = reason {
-                        if self.control.is_up() {
-                            let _ = self
-                                .control
-                                .call(&ControlRequest::PieceFailed { host: self.control.host().clone(), task: id, piece, parent: Some(parent.host.clone()), reason })
-                                .await;
-                        }
-                    }
+                    Err(e) => self.parent_failed(id, piece, parent, &e).await,
                 }
             }
+            if busy.is_empty() {
+                break;
+            }
+            // Every remaining parent is saturated: wait a little for a slot rather than
+            // spinning through the scheduler.
+            candidates = busy;
+            tokio::time::sleep(BUSY_BACKOFF * (round + 1)).await;
         }
-        Event::Failed { piece, fatal: None }
+        Event::Failed { piece, fatal: None, busy: true }
+    }
+
+    async fn parent_failed(&self, id: TaskId, piece: PieceIndex, parent: &ParentRef, e: &PeerError) {
+        let (reason, label) = match e {
+            PeerError::DigestMismatch { .. } | PeerError::RemoteCorrupt { .. } | PeerError::Length { .. } => (PieceFailure::Corrupt, "corrupt"),
+            PeerError::NotFound { .. } => (PieceFailure::NotFound, "not_found"),
+            _ => (PieceFailure::Unreachable, "unreachable"),
+        };
+        self.metrics.failed(label);
+        if reason == PieceFailure::Corrupt {
+            tracing::warn!(task = %id, %piece, parent = %parent.host, error = %e, "bad piece from parent");
+        } else {
+            tracing::debug!(task = %id, %piece, parent = %parent.host, error = %e, "parent failed");
+        }
+        if reason == PieceFailure::Unreachable {
+            self.peers.forget(parent.addr).await;
+        }
+        if self.control.is_up() {
+            let _ = self
+                .control
+                .call(&ControlRequest::PieceFailed { host: self.control.host().clone(), task: id, piece, parent: Some(parent.host.clone()), reason })
+                .await;
+        }
     }
 
     async fn fetch_from_origin(&self, id: TaskId, url: &str, headers: &HeaderMap, layout: PieceLayout, piece: PieceIndex, expected: Option<Sha256Digest>) -> Event {
         let Some((offset, len)) = layout.piece_range(piece) else {
-            return Event::Failed { piece, fatal: None };
+            return Event::Failed { piece, fatal: None, busy: false };
         };
         let data = match self.origin.fetch_range(url, headers, offset, len).await {
             Ok(d) => d,
@@ -704,21 +748,25 @@ impl Engine {
                 tracing::info!(task = %id, %piece, error = %e, "origin fetch failed");
                 let fatal = matches!(&e, OriginError::Status { status, .. } if (400..500).contains(status) && *status != 429)
                     .then(|| origin_api_error(&e));
-                return Event::Failed { piece, fatal };
+                return Event::Failed { piece, fatal, busy: false };
             }
         };
         let check = data.clone();
         let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await else {
-            return Event::Failed { piece, fatal: None };
+            return Event::Failed { piece, fatal: None, busy: false };
         };
         if expected.is_some_and(|e| e != digest) {
             tracing::warn!(task = %id, %piece, "origin piece differs from the recorded digest");
-            return Event::Failed { piece, fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))) };
+            return Event::Failed {
+                piece,
+                fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))),
+                busy: false,
+            };
         }
         let bytes = data.len() as u64;
         match self.store_piece(id, piece, data, digest).await {
             Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Origin, bytes },
-            Err(e) => Event::Failed { piece, fatal: Some(e) },
+            Err(e) => Event::Failed { piece, fatal: Some(e), busy: false },
         }
     }
 
@@ -733,7 +781,7 @@ impl Engine {
                 let mut fatal = fatal;
                 for p in from..layout.piece_count() {
                     if !stored.contains(PieceIndex(p)) {
-                        let _ = events.send(Event::Failed { piece: PieceIndex(p), fatal: fatal.take() }).await;
+                        let _ = events.send(Event::Failed { piece: PieceIndex(p), fatal: fatal.take(), busy: false }).await;
                     }
                 }
             }
@@ -772,13 +820,19 @@ impl Engine {
             let check = data.clone();
             let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await else { return };
             if known.get(&piece).is_some_and(|k| *k != digest) {
-                let _ = events.send(Event::Failed { piece, fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))) }).await;
+                let _ = events
+                    .send(Event::Failed {
+                        piece,
+                        fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))),
+                        busy: false,
+                    })
+                    .await;
                 return;
             }
             let bytes = data.len() as u64;
             let ev = match self.store_piece(id, piece, data, digest).await {
                 Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Origin, bytes },
-                Err(e) => Event::Failed { piece, fatal: Some(e) },
+                Err(e) => Event::Failed { piece, fatal: Some(e), busy: false },
             };
             if events.send(ev).await.is_err() {
                 return;

@@ -172,10 +172,14 @@ impl Daemon {
 
         // Register before serving, so the first download already finds the supernode;
         // if it is down, the heartbeat loop keeps trying.
-        if let Err(e) = control.register(&store).await {
-            tracing::warn!(error = %e, supernode = %supernode_addr, "supernode not reachable at start; serving without it until it is");
-        }
-        tracker.spawn(control.clone().run(store.clone(), uploads.clone(), cfg.upload_slots, cancel.clone()));
+        let registered = match control.register(&store).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, supernode = %supernode_addr, "supernode not reachable at start; serving without it until it is");
+                false
+            }
+        };
+        tracker.spawn(control.clone().run(store.clone(), uploads.clone(), cfg.upload_slots, registered, cancel.clone()));
 
         // Local API.
         if let Some(parent) = cfg.api_sock.parent() {

@@ -67,6 +67,9 @@ pub struct TaskStatus {
     pub piece_size: Option<u32>,
     pub pieces_total: u32,
     pub pieces_stored: u32,
+    /// Pieces already in the local store when this download started (a restart resumes
+    /// from these).
+    pub pieces_at_start: u32,
     /// Pieces this daemon fetched since it started, by source.
     pub pieces_from_origin: u64,
     pub pieces_from_peers: u64,

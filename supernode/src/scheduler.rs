@@ -92,8 +92,6 @@ pub enum SchedError {
     },
     #[error("piece {piece} of task {task}: announced digest differs from the record")]
     DigestConflict { task: TaskId, piece: PieceIndex },
-    #[error("piece bitmap of {got} pieces for a task of {want}")]
-    BitmapLength { got: u32, want: u32 },
     #[error(transparent)]
     Layout(#[from] LayoutError),
 }
@@ -105,7 +103,7 @@ impl SchedError {
             SchedError::UnknownTask(_) => ControlErrorCode::UnknownTask,
             SchedError::LayoutConflict { .. } => ControlErrorCode::LayoutConflict,
             SchedError::DigestConflict { .. } => ControlErrorCode::DigestConflict,
-            SchedError::BitmapLength { .. } | SchedError::Layout(_) => ControlErrorCode::BadRequest,
+            SchedError::Layout(_) => ControlErrorCode::BadRequest,
         }
     }
 }
@@ -644,9 +642,14 @@ impl Scheduler {
         };
         let count = layout.piece_count();
         if have.len() != count || busy.len() != count {
-            return Err(SchedError::BitmapLength {
-                got: have.len(),
-                want: count,
+            // The asker doesn't know the layout yet (it waited on someone else's probe):
+            // tell it, assign nothing.
+            return Ok(ScheduleReply {
+                layout: Some(layout),
+                supports_range: task.record.supports_range,
+                probe: false,
+                assignments: Vec::new(),
+                retry_after_ms: 0,
             });
         }
         // Keep only pieces that match the record: a daemon can't claim what was never

@@ -1,1 +1,441 @@
+//! Test harness: real `supernode`, `dfdaemon` and `dfget` processes on 127.0.0.1, a real
+//! HTTP origin that counts what it sends, temp dirs, everything torn down on drop.
+//!
+//! The binaries are built once per test run (`cargo build` of the three packages, same
+//! profile as the tests) so a test never runs a stale binary.
 
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+
+pub struct Bins {
+    pub supernode: PathBuf,
+    pub dfdaemon: PathBuf,
+    pub dfget: PathBuf,
+}
+
+/// Builds (once) and locates the binaries next to the test executable's profile dir.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test exe path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe.parent().and_then(Path::parent).expect("profile dir").to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "supernode", "-p", "dfdaemon", "-p", "dfget"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building binaries failed");
+        Bins {
+            supernode: dir.join("supernode"),
+            dfdaemon: dir.join("dfdaemon"),
+            dfget: dir.join("dfget"),
+        }
+    })
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Bytes {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    Bytes::from(v)
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
+}
+
+/// A child process killed on drop; its stderr goes to a log file printed on failure.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        cmd.stdout(Stdio::null()).stderr(f).env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        Ok(Self { name: name.to_string(), child: Some(child), log })
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- {} log tail ----\n{}", self.name, self.log_tail());
+        }
+    }
+}
+
+pub struct SupernodeProc {
+    pub proc: Proc,
+    pub control: SocketAddr,
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl SupernodeProc {
+    pub fn start(data_dir: &Path) -> anyhow::Result<Self> {
+        let control: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
+        let api: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
+        let log = data_dir.with_extension("log");
+        let mut s = Self { proc: Self::spawn(data_dir, control, api, &log)?, control, api, data_dir: data_dir.to_path_buf(), log };
+        s.wait_ready()?;
+        Ok(s)
+    }
+
+    fn spawn(data_dir: &Path, control: SocketAddr, api: SocketAddr, log: &Path) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(&bins().supernode);
+        cmd.arg("--listen").arg(control.to_string()).arg("--api-listen").arg(api.to_string()).arg("--data-dir").arg(data_dir);
+        Proc::spawn("supernode", cmd, log.to_path_buf())
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(self.api, "/healthz").is_ok_and(|(s, _)| s == 200) {
+                return Ok(());
+            }
+            if !self.proc.is_running() {
+                bail!("supernode exited:\n{}", self.proc.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("supernode not ready:\n{}", self.proc.log_tail())
+    }
+
+    pub fn ca(&self) -> (PathBuf, PathBuf) {
+        (self.data_dir.join("ca.pem"), self.data_dir.join("ca-key.pem"))
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts again on the same ports and data dir.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill();
+        self.proc = Self::spawn(&self.data_dir, self.control, self.api, &self.log)?;
+        self.wait_ready()
+    }
+
+    pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = http_get(self.api, path)?;
+        if status != 200 {
+            bail!("GET {path}: {status}");
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+}
+
+pub struct DaemonProc {
+    pub proc: Proc,
+    pub host_id: String,
+    pub data_dir: PathBuf,
+    pub sock: PathBuf,
+    pub peer_addr: SocketAddr,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl DaemonProc {
+    /// A daemon attached to `supernode`, with its own data dir, socket and port.
+    pub fn start(supernode: &SupernodeProc, root: &Path, host_id: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let data_dir = root.join(host_id);
+        std::fs::create_dir_all(&data_dir)?;
+        let (ca_cert, ca_key) = supernode.ca();
+        let peer_addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
+        let sock = root.join(format!("{host_id}.sock"));
+        let mut args: Vec<String> = vec![
+            "--supernode".into(),
+            supernode.control.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--peer-listen".into(),
+            peer_addr.to_string(),
+            "--api-sock".into(),
+            sock.display().to_string(),
+            "--host-id".into(),
+            host_id.into(),
+            "--ca-cert".into(),
+            ca_cert.display().to_string(),
+            "--ca-key".into(),
+            ca_key.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = root.join(format!("{host_id}.log"));
+        let mut d = Self {
+            proc: Self::spawn(host_id, &args, &log)?,
+            host_id: host_id.into(),
+            data_dir,
+            sock,
+            peer_addr,
+            args,
+            log,
+        };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(&bins().dfdaemon);
+        cmd.args(args);
+        Proc::spawn(name, cmd, log.to_path_buf())
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if unix_get(&self.sock, "/healthz").is_ok_and(|(s, _)| s == 200) {
+                return Ok(());
+            }
+            if !self.proc.is_running() {
+                bail!("{} exited:\n{}", self.host_id, self.proc.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{} not ready:\n{}", self.host_id, self.proc.log_tail())
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill();
+        self.proc = Self::spawn(&self.host_id, &self.args, &self.log)?;
+        self.wait_ready()
+    }
+
+    pub fn dfget(&self, url: &str, out: &Path, extra: &[&str]) -> Output {
+        dfget_cmd(&self.sock, url, out, extra).output().expect("running dfget")
+    }
+
+    pub fn dfget_spawn(&self, url: &str, out: &Path, extra: &[&str]) -> Child {
+        dfget_cmd(&self.sock, url, out, extra).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning dfget")
+    }
+
+    pub fn tasks(&self) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = unix_get(&self.sock, "/v1/tasks")?;
+        if status != 200 {
+            bail!("GET /v1/tasks: {status}");
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// The single task this daemon is running or ran (tests use one URL per daemon).
+    pub fn task(&self) -> anyhow::Result<serde_json::Value> {
+        let tasks = self.tasks()?;
+        tasks.as_array().and_then(|a| a.first()).cloned().context("no task")
+    }
+
+    /// Value of a Prometheus counter (sum over label sets matching `labels`).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let Ok((_, body)) = unix_get(&self.sock, "/metrics") else { return 0.0 };
+        parse_metric(&String::from_utf8_lossy(&body), name, labels)
+    }
+
+    pub fn data_file(&self, task_id: &str) -> PathBuf {
+        self.data_dir.join("store").join("data").join(format!("{task_id}.data"))
+    }
+}
+
+pub fn parse_metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn dfget_cmd(sock: &Path, url: &str, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(&bins().dfget);
+    cmd.arg(url).arg("-O").arg(out).arg("--daemon-sock").arg(sock).arg("--no-progress").args(extra);
+    cmd
+}
+
+/// Minimal HTTP/1.1 GET over TCP (Connection: close).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    raw_get(&mut s, path)
+}
+
+/// Minimal HTTP/1.1 GET over a Unix socket (Connection: close).
+pub fn unix_get(sock: &Path, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    raw_get(&mut s, path)
+}
+
+fn raw_get(s: &mut (impl Read + Write), path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").context("no header end")?;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    let mut body = buf[head_end + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body)?;
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = b.windows(2).position(|w| w == b"\r\n").context("chunk size line")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..line_end])?.trim(), 16)?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// An HTTP origin on loopback serving fixed files, with Range support (optional), that
+/// counts every body byte it sends.
+pub struct Origin {
+    pub addr: SocketAddr,
+    sent: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Origin {
+    pub fn start(files: HashMap<String, Bytes>, ranges: bool) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let sent = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let files = Arc::new(files);
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        {
+            let (sent, requests) = (sent.clone(), requests.clone());
+            rt.spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let (files, sent, requests) = (files.clone(), sent.clone(), requests.clone());
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let resp = serve(&files, &req, ranges);
+                            requests.fetch_add(1, Ordering::Relaxed);
+                            sent.fetch_add(
+                                if req.method() == hyper::Method::HEAD { 0 } else { hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0) },
+                                Ordering::Relaxed,
+                            );
+                            async move { Ok::<_, std::convert::Infallible>(resp) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    });
+                }
+            });
+        }
+        Ok(Self { addr, sent, requests, _rt: rt })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+fn serve(files: &HashMap<String, Bytes>, req: &Request<hyper::body::Incoming>, ranges: bool) -> Response<Full<Bytes>> {
+    let path = req.uri().path().trim_start_matches('/');
+    let Some(data) = files.get(path) else {
+        return Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"not found"))).expect("response");
+    };
+    let len = data.len() as u64;
+    let range = req.headers().get(hyper::header::RANGE).and_then(|v| v.to_str().ok()).filter(|_| ranges);
+    if let Some(r) = range {
+        let spec = r.trim_start_matches("bytes=");
+        let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
+        let start: u64 = a.parse().unwrap_or(0);
+        let end: u64 = if b.is_empty() { len.saturating_sub(1) } else { b.parse::<u64>().unwrap_or(0).min(len.saturating_sub(1)) };
+        if start >= len || end < start {
+            return Response::builder()
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(hyper::header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(Full::new(Bytes::new()))
+                .expect("response");
+        }
+        return Response::builder()
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(hyper::header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+            .header(hyper::header::ACCEPT_RANGES, "bytes")
+            .body(Full::new(data.slice(start as usize..=end as usize)))
+            .expect("response");
+    }
+    Response::builder().status(StatusCode::OK).body(Full::new(data.clone())).expect("response")
+}
