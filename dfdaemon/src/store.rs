@@ -75,7 +75,7 @@ pub struct Store {
     quota: u64,
     meta: sled::Tree,
     pieces: sled::Tree,
-    _db: sled::Db,
+    db: sled::Db,
     entries: Mutex<HashMap<TaskId, Entry>>,
 }
 
@@ -131,7 +131,7 @@ impl Store {
             quota,
             meta,
             pieces,
-            _db: db,
+            db,
             entries: Mutex::new(HashMap::new()),
         };
         store.load()?;
@@ -347,6 +347,10 @@ impl Store {
         }
         file.write_all_at(data, offset).map_err(|source| StoreError::Io { path: self.data_path(task), source })?;
         self.pieces.insert(piece_key(task, piece), digest.as_bytes().as_slice())?;
+        // Make the record durable before anyone is told the piece exists, so a killed
+        // daemon resumes from every piece it announced. The data itself needs no fsync:
+        // reads verify, so a torn write after power loss is refetched, never served.
+        self.db.flush()?;
         let mut entries = self.lock();
         if let Some(e) = entries.get_mut(task) {
             e.stored.insert(piece);

@@ -92,6 +92,10 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn spawn_cmd(name: &str, cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        Self::spawn(name, cmd, log)
+    }
+
     fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         cmd.stdout(Stdio::null()).stderr(f).env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
