@@ -46,7 +46,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
 pub fn status_for(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-        ErrorKind::OriginStatus | ErrorKind::OriginUnreachable | ErrorKind::DigestMismatch => StatusCode::BAD_GATEWAY,
+        ErrorKind::OriginStatus | ErrorKind::OriginUnreachable | ErrorKind::DigestMismatch => {
+            StatusCode::BAD_GATEWAY
+        }
         ErrorKind::Stalled => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Storage => StatusCode::INSUFFICIENT_STORAGE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -59,7 +61,10 @@ fn error_response(e: ApiError) -> Response {
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
 }
@@ -70,18 +75,33 @@ async fn list_tasks(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
 
 async fn get_task(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
     let Ok(id) = id.parse::<TaskId>() else {
-        return error_response(api_error(ErrorKind::BadRequest, "task id must be 64 hex characters"));
+        return error_response(api_error(
+            ErrorKind::BadRequest,
+            "task id must be 64 hex characters",
+        ));
     };
     match s.engine.status(&id) {
         Some(st) => Json(st).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(api_error(ErrorKind::BadRequest, format!("unknown task {id}")))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(api_error(
+                ErrorKind::BadRequest,
+                format!("unknown task {id}"),
+            )),
+        )
+            .into_response(),
     }
 }
 
 async fn download(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
     let req: DownloadRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error_response(api_error(ErrorKind::BadRequest, format!("bad download request: {e}"))),
+        Err(e) => {
+            return error_response(api_error(
+                ErrorKind::BadRequest,
+                format!("bad download request: {e}"),
+            ));
+        }
     };
     let h = match s.engine.start(req.clone()) {
         Ok(h) => h,
@@ -94,13 +114,16 @@ async fn download(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Re
     let count = layout.piece_count();
     let hold_last = req.digest.is_some();
     let engine = s.engine.clone();
-    let stream = futures_util::stream::iter(0..count)
-        .map(move |i| {
-            let engine = engine.clone();
-            let req = req.clone();
-            async move { read_in_order(engine, req, PieceIndex(i), hold_last && i + 1 == count).await }
-        })
-        .buffered(READ_AHEAD);
+    let stream =
+        futures_util::stream::iter(0..count)
+            .map(move |i| {
+                let engine = engine.clone();
+                let req = req.clone();
+                async move {
+                    read_in_order(engine, req, PieceIndex(i), hold_last && i + 1 == count).await
+                }
+            })
+            .buffered(READ_AHEAD);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_LENGTH, layout.content_length)
@@ -114,11 +137,18 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-async fn read_in_order(engine: Arc<Engine>, req: DownloadRequest, piece: PieceIndex, verified: bool) -> Result<bytes::Bytes, std::io::Error> {
+async fn read_in_order(
+    engine: Arc<Engine>,
+    req: DownloadRequest,
+    piece: PieceIndex,
+    verified: bool,
+) -> Result<bytes::Bytes, std::io::Error> {
     for _ in 0..READ_ATTEMPTS {
         // Joins the running download, or restarts it when a piece went missing.
         let h = engine.start(req.clone()).map_err(|e| io_err(e.message))?;
-        h.wait_piece(piece, verified).await.map_err(|e| io_err(e.message))?;
+        h.wait_piece(piece, verified)
+            .await
+            .map_err(|e| io_err(e.message))?;
         match engine.read_piece(&h, piece).await {
             Ok(b) => return Ok(b),
             Err(StoreError::Corrupt { .. } | StoreError::Missing { .. }) => continue,

@@ -67,7 +67,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("size {s:?}: expected a number with an optional unit"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number with an optional unit"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -80,13 +82,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "tib" => 1 << 40,
         other => return Err(format!("size {s:?}: unknown unit {other:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
 /// Splits `key=value` labels.
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && k.len() <= 128 && v.len() <= 128 => Ok((k.to_string(), v.to_string())),
+        Some((k, v)) if !k.is_empty() && k.len() <= 128 && v.len() <= 128 => {
+            Ok((k.to_string(), v.to_string()))
+        }
         _ => Err(format!("label {s:?}: expected key=value")),
     }
 }
@@ -110,7 +115,10 @@ pub struct Overrides {
 impl DaemonConfig {
     pub fn resolve(file: FileConfig, flags: Overrides) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
-        let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
         let host_raw = flags.host_id.or(file.host_id).unwrap_or_else(hostname);
         let host_id = HostId::new(host_raw).unwrap_or_else(|e| {
             errors.push(e.to_string());
@@ -133,7 +141,10 @@ impl DaemonConfig {
             }),
             None => DEFAULT_QUOTA,
         };
-        let upload_slots = flags.upload_slots.or(file.upload_slots).unwrap_or(DEFAULT_UPLOAD_SLOTS);
+        let upload_slots = flags
+            .upload_slots
+            .or(file.upload_slots)
+            .unwrap_or(DEFAULT_UPLOAD_SLOTS);
         if upload_slots == 0 {
             errors.push("upload_slots must be at least 1".into());
         }
@@ -157,17 +168,30 @@ impl DaemonConfig {
                 .or(file.peer_listen)
                 .unwrap_or_else(|| DEFAULT_PEER_LISTEN.parse().expect("const addr")),
             advertise_addr: flags.advertise_addr.or(file.advertise_addr),
-            api_sock: flags.api_sock.or(file.api_sock).unwrap_or_else(|| DEFAULT_API_SOCK.into()),
+            api_sock: flags
+                .api_sock
+                .or(file.api_sock)
+                .unwrap_or_else(|| DEFAULT_API_SOCK.into()),
             host_id,
             labels,
-            ca_cert: flags.ca_cert.or(file.ca_cert).unwrap_or_else(|| data_dir.join("ca.pem")),
-            ca_key: flags.ca_key.or(file.ca_key).unwrap_or_else(|| data_dir.join("ca-key.pem")),
+            ca_cert: flags
+                .ca_cert
+                .or(file.ca_cert)
+                .unwrap_or_else(|| data_dir.join("ca.pem")),
+            ca_key: flags
+                .ca_key
+                .or(file.ca_key)
+                .unwrap_or_else(|| data_dir.join("ca-key.pem")),
             data_dir,
             quota,
             upload_slots,
             engine,
         };
-        if errors.is_empty() { Ok(cfg) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -197,14 +221,30 @@ mod tests {
     fn unknown_keys_rejected_and_errors_collected() {
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
         let file: FileConfig = toml::from_str("quota = \"lots\"\nupload_slots = 0").unwrap();
-        let errs = DaemonConfig::resolve(file, Overrides { labels: vec!["nokey".into()], ..Default::default() }).unwrap_err();
+        let errs = DaemonConfig::resolve(
+            file,
+            Overrides {
+                labels: vec!["nokey".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
     }
 
     #[test]
     fn flags_override_file() {
-        let file: FileConfig = toml::from_str("host_id = \"a\"\n[labels]\nzone = \"z1\"\nrack = \"r1\"").unwrap();
-        let cfg = DaemonConfig::resolve(file, Overrides { host_id: Some("b".into()), labels: vec!["zone=z2".into()], ..Default::default() }).unwrap();
+        let file: FileConfig =
+            toml::from_str("host_id = \"a\"\n[labels]\nzone = \"z1\"\nrack = \"r1\"").unwrap();
+        let cfg = DaemonConfig::resolve(
+            file,
+            Overrides {
+                host_id: Some("b".into()),
+                labels: vec!["zone=z2".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(cfg.host_id.as_str(), "b");
         assert!(cfg.labels.contains(&("zone".into(), "z2".into())));
         assert!(cfg.labels.contains(&("rack".into(), "r1".into())));

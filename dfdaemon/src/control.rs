@@ -31,14 +31,23 @@ pub enum ControlError {
     #[error("supernode unreachable: {0}")]
     Unreachable(String),
     #[error("supernode refused: {code:?}: {message}")]
-    Remote { code: ControlErrorCode, message: String },
+    Remote {
+        code: ControlErrorCode,
+        message: String,
+    },
     #[error("supernode protocol: {0}")]
     Protocol(String),
 }
 
 impl ControlError {
     pub fn is_unknown_host(&self) -> bool {
-        matches!(self, ControlError::Remote { code: ControlErrorCode::UnknownHost, .. })
+        matches!(
+            self,
+            ControlError::Remote {
+                code: ControlErrorCode::UnknownHost,
+                ..
+            }
+        )
     }
 }
 
@@ -53,7 +62,13 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    pub fn new(endpoint: quinn::Endpoint, config: quinn::ClientConfig, addr: SocketAddr, info: HostInfo, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        config: quinn::ClientConfig,
+        addr: SocketAddr,
+        info: HostInfo,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             endpoint,
             config,
@@ -81,10 +96,10 @@ impl ControlClient {
 
     async fn connection(&self) -> Result<quinn::Connection, ControlError> {
         let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = guard.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
         }
         let conn = self
             .endpoint
@@ -100,13 +115,18 @@ impl ControlClient {
         let result = tokio::time::timeout(CALL_TIMEOUT, async {
             let conn = self.connection().await?;
             let io = |e: FrameIoError| ControlError::Unreachable(e.to_string());
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ControlError::Unreachable(e.to_string()))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| ControlError::Unreachable(e.to_string()))?;
             write_frame(&mut send, req).await.map_err(io)?;
             send.finish().map_err(|e| io(e.into()))?;
-            read_frame::<ControlResponse>(&mut recv).await.map_err(|e| match e {
-                FrameIoError::Decode(d) => ControlError::Protocol(d.to_string()),
-                other => io(other),
-            })
+            read_frame::<ControlResponse>(&mut recv)
+                .await
+                .map_err(|e| match e {
+                    FrameIoError::Decode(d) => ControlError::Protocol(d.to_string()),
+                    other => io(other),
+                })
         })
         .await
         .unwrap_or_else(|_| Err(ControlError::Unreachable("timed out".into())));
@@ -132,7 +152,8 @@ impl ControlClient {
 
     /// Registers the host, then re-announces everything in the store.
     pub async fn register(&self, store: &Store) -> Result<(), ControlError> {
-        self.call(&ControlRequest::RegisterHost(self.info.clone())).await?;
+        self.call(&ControlRequest::RegisterHost(self.info.clone()))
+            .await?;
         let mut announced = 0usize;
         for (task, meta) in store.tasks() {
             let Some(layout) = meta.layout else { continue };
@@ -152,17 +173,17 @@ impl ControlClient {
                     content_digest: meta.content_digest,
                 })
                 .await?;
-            if let ControlResponse::Task(v) = view {
-                if v.layout.is_none() {
-                    // The supernode lost this task; our layout is as good as any.
-                    self.call(&ControlRequest::ReportLayout {
-                        host: self.info.host.clone(),
-                        task,
-                        content_length: layout.content_length,
-                        supports_range: meta.supports_range,
-                    })
-                    .await?;
-                }
+            if let ControlResponse::Task(v) = view
+                && v.layout.is_none()
+            {
+                // The supernode lost this task; our layout is as good as any.
+                self.call(&ControlRequest::ReportLayout {
+                    host: self.info.host.clone(),
+                    task,
+                    content_length: layout.content_length,
+                    supports_range: meta.supports_range,
+                })
+                .await?;
             }
             announced += pieces.len();
             match self
@@ -175,7 +196,10 @@ impl ControlClient {
                 .await
             {
                 Ok(_) => {}
-                Err(ControlError::Remote { code: ControlErrorCode::DigestConflict, message }) => {
+                Err(ControlError::Remote {
+                    code: ControlErrorCode::DigestConflict,
+                    message,
+                }) => {
                     tracing::warn!(%task, %message, "supernode disagrees with some stored pieces");
                 }
                 Err(e) => return Err(e),
@@ -205,7 +229,9 @@ impl ControlClient {
             if !registered {
                 match self.register(&store).await {
                     Ok(()) => registered = true,
-                    Err(e) => tracing::debug!(error = %e, "supernode registration failed; will retry"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "supernode registration failed; will retry")
+                    }
                 }
                 continue;
             }
@@ -218,7 +244,9 @@ impl ControlClient {
             match self.call(&hb).await {
                 Ok(_) => {}
                 Err(e) if e.is_unknown_host() => {
-                    tracing::info!("supernode does not know this host (it restarted?); registering again");
+                    tracing::info!(
+                        "supernode does not know this host (it restarted?); registering again"
+                    );
                     registered = false;
                     every.reset_immediately();
                 }
@@ -231,7 +259,10 @@ impl ControlClient {
         }
         let _ = tokio::time::timeout(
             Duration::from_millis(500),
-            self.call(&ControlRequest::Leave { host: self.info.host.clone(), task: None }),
+            self.call(&ControlRequest::Leave {
+                host: self.info.host.clone(),
+                task: None,
+            }),
         )
         .await;
     }

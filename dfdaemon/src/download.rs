@@ -44,10 +44,28 @@ use crate::store::{Store, StoreError};
 /// Query parameters that sign or expire a URL without changing what it points at; they
 /// are left out of the task id so one file is one task however it was signed.
 pub const DEFAULT_FILTERED_QUERY: &[&str] = &[
-    "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
-    "X-Amz-Signature", "X-Amz-Security-Token", "Expires", "Signature", "AWSAccessKeyId",
-    "X-Goog-Algorithm", "X-Goog-Credential", "X-Goog-Date", "X-Goog-Expires", "X-Goog-SignedHeaders",
-    "X-Goog-Signature", "se", "sig", "sp", "sv", "st", "sr",
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+    "Expires",
+    "Signature",
+    "AWSAccessKeyId",
+    "X-Goog-Algorithm",
+    "X-Goog-Credential",
+    "X-Goog-Date",
+    "X-Goog-Expires",
+    "X-Goog-SignedHeaders",
+    "X-Goog-Signature",
+    "se",
+    "sig",
+    "sp",
+    "sv",
+    "st",
+    "sr",
 ];
 /// Finished downloads kept for status queries.
 const KEEP_FINISHED: usize = 1024;
@@ -137,7 +155,10 @@ impl TaskHandle {
             {
                 let p = rx.borrow_and_update();
                 if p.state == TaskState::Failed {
-                    return Err(p.error.clone().unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
+                    return Err(p
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
                 }
                 if p.stored.contains(piece) && (!verified || p.state == TaskState::Done) {
                     return Ok(());
@@ -156,12 +177,17 @@ impl TaskHandle {
             {
                 let p = rx.borrow_and_update();
                 if p.state == TaskState::Failed {
-                    return Err(p.error.clone().unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
+                    return Err(p
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
                 }
-                if let Some(l) = p.layout {
-                    if l.piece_count() == 0 || p.stored.contains(PieceIndex(0)) || p.state == TaskState::Done {
-                        return Ok(l);
-                    }
+                if let Some(l) = p.layout
+                    && (l.piece_count() == 0
+                        || p.stored.contains(PieceIndex(0))
+                        || p.state == TaskState::Done)
+                {
+                    return Ok(l);
                 }
             }
             if rx.changed().await.is_err() {
@@ -209,29 +235,58 @@ pub struct Engine {
 }
 
 enum Event {
-    Stored { piece: PieceIndex, digest: Sha256Digest, source: AnnounceSource, bytes: u64 },
+    Stored {
+        piece: PieceIndex,
+        digest: Sha256Digest,
+        source: AnnounceSource,
+        bytes: u64,
+    },
     /// `busy`: every parent was out of upload slots; not a strike against the piece.
-    Failed { piece: PieceIndex, fatal: Option<ApiError>, busy: bool },
+    Failed {
+        piece: PieceIndex,
+        fatal: Option<ApiError>,
+        busy: bool,
+    },
 }
 
 /// Where a fetch job gets its piece(s).
 enum Job {
-    Parents { piece: PieceIndex, digest: Sha256Digest, parents: Vec<ParentRef> },
-    Origin { piece: PieceIndex, expected: Option<Sha256Digest> },
+    Parents {
+        piece: PieceIndex,
+        digest: Sha256Digest,
+        parents: Vec<ParentRef>,
+    },
+    Origin {
+        piece: PieceIndex,
+        expected: Option<Sha256Digest>,
+    },
     OriginWhole,
 }
 
+/// What an [`Engine`] is built from.
+pub struct EngineParts {
+    pub store: Arc<Store>,
+    pub control: Arc<ControlClient>,
+    pub peers: Arc<PeerClient>,
+    pub origin: Origin,
+    pub cfg: EngineConfig,
+    pub metrics: Arc<Metrics>,
+    pub tracker: TaskTracker,
+    pub cancel: CancellationToken,
+}
+
 impl Engine {
-    pub fn new(
-        store: Arc<Store>,
-        control: Arc<ControlClient>,
-        peers: Arc<PeerClient>,
-        origin: Origin,
-        cfg: EngineConfig,
-        metrics: Arc<Metrics>,
-        tracker: TaskTracker,
-        cancel: CancellationToken,
-    ) -> Arc<Self> {
+    pub fn new(parts: EngineParts) -> Arc<Self> {
+        let EngineParts {
+            store,
+            control,
+            peers,
+            origin,
+            cfg,
+            metrics,
+            tracker,
+            cancel,
+        } = parts;
         Arc::new(Self {
             store,
             control,
@@ -259,15 +314,23 @@ impl Engine {
 
     pub fn statuses(&self) -> Vec<TaskStatus> {
         let mut v: Vec<TaskStatus> = self.running().values().map(|h| h.status()).collect();
-        v.sort_by(|a, b| a.task.cmp(&b.task));
+        v.sort_by_key(|a| a.task);
         v
     }
 
     /// Starts (or joins) the download for `req`.
     pub fn start(self: &Arc<Self>, req: DownloadRequest) -> Result<Arc<TaskHandle>, ApiError> {
-        let parsed = url::Url::parse(&req.url).map_err(|e| api_error(ErrorKind::BadRequest, format!("invalid URL {:?}: {e}", req.url)))?;
+        let parsed = url::Url::parse(&req.url).map_err(|e| {
+            api_error(
+                ErrorKind::BadRequest,
+                format!("invalid URL {:?}: {e}", req.url),
+            )
+        })?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(api_error(ErrorKind::BadRequest, format!("unsupported URL scheme {:?}", parsed.scheme())));
+            return Err(api_error(
+                ErrorKind::BadRequest,
+                format!("unsupported URL scheme {:?}", parsed.scheme()),
+            ));
         }
         if req.url.len() > proto::control::MAX_URL_LEN {
             return Err(api_error(ErrorKind::BadRequest, "URL too long"));
@@ -277,8 +340,8 @@ impl Engine {
         let mut running = self.running();
         if let Some(h) = running.get(&id) {
             let p = h.progress.borrow();
-            let intact = p.state != TaskState::Done
-                || self.store.meta(&id).is_some_and(|m| m.complete);
+            let intact =
+                p.state != TaskState::Done || self.store.meta(&id).is_some_and(|m| m.complete);
             if p.state != TaskState::Failed && intact {
                 drop(p);
                 return Ok(h.clone());
@@ -329,30 +392,43 @@ impl Engine {
         Ok(handle)
     }
 
-    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| api_error(ErrorKind::Internal, e.to_string()))
     }
 
-    async fn drive(self: &Arc<Self>, h: &Arc<TaskHandle>, headers: HeaderMap) -> Result<(), ApiError> {
+    async fn drive(
+        self: &Arc<Self>,
+        h: &Arc<TaskHandle>,
+        headers: HeaderMap,
+    ) -> Result<(), ApiError> {
         let id = h.id;
         let url = h.request.url.clone();
         let digest = h.request.digest;
-        let _lease = self.store.open_task(id, &url, digest).map_err(|e| store_api_error(&e))?;
-        let meta = self.store.meta(&id).ok_or_else(|| api_error(ErrorKind::Internal, "task vanished from store"))?;
-        if meta.complete {
-            if let Some(layout) = meta.layout {
-                self.metrics.got_piece("cache", layout.content_length);
-                h.progress.send_modify(|p| {
-                    p.layout = Some(layout);
-                    p.stored = PieceSet::full(layout.piece_count());
-                });
-                return Ok(());
-            }
+        let _lease = self
+            .store
+            .open_task(id, &url, digest)
+            .map_err(|e| store_api_error(&e))?;
+        let meta = self
+            .store
+            .meta(&id)
+            .ok_or_else(|| api_error(ErrorKind::Internal, "task vanished from store"))?;
+        if meta.complete
+            && let Some(layout) = meta.layout
+        {
+            self.metrics.got_piece("cache", layout.content_length);
+            h.progress.send_modify(|p| {
+                p.layout = Some(layout);
+                p.stored = PieceSet::full(layout.piece_count());
+            });
+            return Ok(());
         }
         let host = self.control.host().clone();
-        let mut known: HashMap<PieceIndex, Sha256Digest> = self.store.digests(&id).into_iter().collect();
+        let mut known: HashMap<PieceIndex, Sha256Digest> =
+            self.store.digests(&id).into_iter().collect();
         let mut parents: HashMap<PieceIndex, Vec<ParentRef>> = HashMap::new();
         let mut all_parents: Vec<ParentRef> = Vec::new();
 
@@ -363,7 +439,12 @@ impl Engine {
         let mut sn_range = false;
         match self
             .control
-            .call(&ControlRequest::RegisterPeer { host: host.clone(), task: id, url: url.clone(), content_digest: digest })
+            .call(&ControlRequest::RegisterPeer {
+                host: host.clone(),
+                task: id,
+                url: url.clone(),
+                content_digest: digest,
+            })
             .await
         {
             Ok(ControlResponse::Task(v)) => {
@@ -376,7 +457,9 @@ impl Engine {
                 }
             }
             Ok(other) => tracing::warn!(?other, "unexpected register answer"),
-            Err(e) => tracing::info!(task = %id, error = %e, "supernode unavailable; fetching without it"),
+            Err(e) => {
+                tracing::info!(task = %id, error = %e, "supernode unavailable; fetching without it")
+            }
         }
 
         // Layout: the supernode's, else ours from the store, else probe.
@@ -390,17 +473,31 @@ impl Engine {
                     // The supernode lost the task; tell it what we know.
                     let _ = self
                         .control
-                        .call(&ControlRequest::ReportLayout { host: host.clone(), task: id, content_length: l.content_length, supports_range: meta.supports_range })
+                        .call(&ControlRequest::ReportLayout {
+                            host: host.clone(),
+                            task: id,
+                            content_length: l.content_length,
+                            supports_range: meta.supports_range,
+                        })
                         .await;
                 }
                 break (l, meta.supports_range);
             }
             if probe || !sn_ok {
-                let p = self.origin.probe(&url, &headers).await.map_err(|e| origin_api_error(&e))?;
+                let p = self
+                    .origin
+                    .probe(&url, &headers)
+                    .await
+                    .map_err(|e| origin_api_error(&e))?;
                 if sn_ok {
                     match self
                         .control
-                        .call(&ControlRequest::ReportLayout { host: host.clone(), task: id, content_length: p.content_length, supports_range: p.supports_range })
+                        .call(&ControlRequest::ReportLayout {
+                            host: host.clone(),
+                            task: id,
+                            content_length: p.content_length,
+                            supports_range: p.supports_range,
+                        })
                         .await
                     {
                         Ok(ControlResponse::Task(v)) if v.layout.is_some() => {
@@ -411,18 +508,31 @@ impl Engine {
                         Ok(_) | Err(_) => {}
                     }
                 }
-                let l = PieceLayout::choose(p.content_length, DEFAULT_MIN_PIECE_SIZE, DEFAULT_MAX_PIECE_SIZE)
-                    .map_err(|e| api_error(ErrorKind::OriginUnreachable, e.to_string()))?;
+                let l = PieceLayout::choose(
+                    p.content_length,
+                    DEFAULT_MIN_PIECE_SIZE,
+                    DEFAULT_MAX_PIECE_SIZE,
+                )
+                .map_err(|e| api_error(ErrorKind::OriginUnreachable, e.to_string()))?;
                 break (l, p.supports_range);
             }
             // Someone else probes; wait for the layout.
             if started.elapsed() > self.cfg.stall_timeout {
-                return Err(api_error(ErrorKind::Stalled, "no content length learned in time"));
+                return Err(api_error(
+                    ErrorKind::Stalled,
+                    "no content length learned in time",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
             match self
                 .control
-                .call(&ControlRequest::Schedule { host: host.clone(), task: id, have: PieceSet::new(0), busy: PieceSet::new(0), max_assignments: 0 })
+                .call(&ControlRequest::Schedule {
+                    host: host.clone(),
+                    task: id,
+                    have: PieceSet::new(0),
+                    busy: PieceSet::new(0),
+                    max_assignments: 0,
+                })
                 .await
             {
                 Ok(ControlResponse::Schedule(r)) => {
@@ -438,7 +548,9 @@ impl Engine {
                 }
             }
         };
-        self.store.set_layout(&id, layout, supports_range).map_err(|e| store_api_error(&e))?;
+        self.store
+            .set_layout(&id, layout, supports_range)
+            .map_err(|e| store_api_error(&e))?;
         let stored_now = self.store.stored(&id).unwrap_or_default();
         h.progress.send_modify(|p| {
             p.layout = Some(layout);
@@ -476,15 +588,27 @@ impl Engine {
                     sn_ok = true;
                 }
                 if sn_ok {
-                    let req = ControlRequest::Schedule { host: host.clone(), task: id, have: stored.clone(), busy: busy.clone(), max_assignments: slots as u32 };
+                    let req = ControlRequest::Schedule {
+                        host: host.clone(),
+                        task: id,
+                        have: stored.clone(),
+                        busy: busy.clone(),
+                        max_assignments: slots as u32,
+                    };
                     match self.control.call(&req).await {
                         Ok(ControlResponse::Schedule(r)) => {
                             if r.layout.is_some_and(|l| l != layout) {
-                                return Err(api_error(ErrorKind::OriginUnreachable, "content length changed at the origin during the download"));
+                                return Err(api_error(
+                                    ErrorKind::OriginUnreachable,
+                                    "content length changed at the origin during the download",
+                                ));
                             }
                             for a in r.assignments {
                                 match a.source {
-                                    PieceSource::Parents { digest, parents: ps } => {
+                                    PieceSource::Parents {
+                                        digest,
+                                        parents: ps,
+                                    } => {
                                         known.insert(a.piece, digest);
                                         for p in &ps {
                                             if !all_parents.iter().any(|q| q.host == p.host) {
@@ -492,24 +616,43 @@ impl Engine {
                                             }
                                         }
                                         parents.insert(a.piece, ps.clone());
-                                        planned.push(Job::Parents { piece: a.piece, digest, parents: ps });
+                                        planned.push(Job::Parents {
+                                            piece: a.piece,
+                                            digest,
+                                            parents: ps,
+                                        });
                                     }
-                                    PieceSource::Origin => planned.push(Job::Origin { piece: a.piece, expected: known.get(&a.piece).copied() }),
+                                    PieceSource::Origin => planned.push(Job::Origin {
+                                        piece: a.piece,
+                                        expected: known.get(&a.piece).copied(),
+                                    }),
                                     PieceSource::OriginWhole => planned.push(Job::OriginWhole),
                                 }
                             }
-                            next_poll = if planned.is_empty() { now + Duration::from_millis(u64::from(r.retry_after_ms.max(20))) } else { now };
+                            next_poll = if planned.is_empty() {
+                                now + Duration::from_millis(u64::from(r.retry_after_ms.max(20)))
+                            } else {
+                                now
+                            };
                         }
                         Ok(other) => {
                             tracing::warn!(?other, "unexpected schedule answer");
                             next_poll = now + Duration::from_millis(500);
                         }
-                        Err(ControlError::Remote { code: ControlErrorCode::UnknownTask | ControlErrorCode::UnknownHost, .. }) => {
+                        Err(ControlError::Remote {
+                            code: ControlErrorCode::UnknownTask | ControlErrorCode::UnknownHost,
+                            ..
+                        }) => {
                             // It restarted and forgot us; the heartbeat loop re-registers
                             // the host, this registers the task again.
                             let _ = self
                                 .control
-                                .call(&ControlRequest::RegisterPeer { host: host.clone(), task: id, url: url.clone(), content_digest: digest })
+                                .call(&ControlRequest::RegisterPeer {
+                                    host: host.clone(),
+                                    task: id,
+                                    url: url.clone(),
+                                    content_digest: digest,
+                                })
                                 .await;
                             next_poll = now + Duration::from_millis(200);
                         }
@@ -522,16 +665,29 @@ impl Engine {
                 }
                 if !sn_ok {
                     for piece in stored.missing().filter(|p| !busy.contains(*p)).take(slots) {
-                        let ps = parents.get(&piece).cloned().unwrap_or_else(|| all_parents.clone());
+                        let ps = parents
+                            .get(&piece)
+                            .cloned()
+                            .unwrap_or_else(|| all_parents.clone());
                         match known.get(&piece) {
-                            Some(d) if !ps.is_empty() && attempts.get(&piece).copied().unwrap_or(0) < 2 => {
-                                planned.push(Job::Parents { piece, digest: *d, parents: ps });
+                            Some(d)
+                                if !ps.is_empty()
+                                    && attempts.get(&piece).copied().unwrap_or(0) < 2 =>
+                            {
+                                planned.push(Job::Parents {
+                                    piece,
+                                    digest: *d,
+                                    parents: ps,
+                                });
                             }
                             _ if !supports_range => {
                                 planned.push(Job::OriginWhole);
                                 break;
                             }
-                            expected => planned.push(Job::Origin { piece, expected: expected.copied() }),
+                            expected => planned.push(Job::Origin {
+                                piece,
+                                expected: expected.copied(),
+                            }),
                         }
                     }
                     next_poll = now + Duration::from_millis(100);
@@ -551,10 +707,21 @@ impl Engine {
                             whole_running = true;
                         }
                     }
-                    jobs.spawn(self.clone().run_job(h.clone(), layout, job, headers.clone(), known.clone(), ev_tx.clone()));
+                    jobs.spawn(self.clone().run_job(
+                        h.clone(),
+                        layout,
+                        job,
+                        headers.clone(),
+                        known.clone(),
+                        ev_tx.clone(),
+                    ));
                 }
             }
-            let sleep = tokio::time::sleep_until(next_poll.max(Instant::now() + Duration::from_millis(5)).into());
+            let sleep = tokio::time::sleep_until(
+                next_poll
+                    .max(Instant::now() + Duration::from_millis(5))
+                    .into(),
+            );
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(api_error(ErrorKind::Internal, "daemon shutting down")),
                 ev = ev_rx.recv() => {
@@ -575,7 +742,10 @@ impl Engine {
                 _ = sleep => {}
             }
             if last_progress.elapsed() > self.cfg.stall_timeout {
-                return Err(api_error(ErrorKind::Stalled, format!("no piece arrived for {:?}", self.cfg.stall_timeout)));
+                return Err(api_error(
+                    ErrorKind::Stalled,
+                    format!("no piece arrived for {:?}", self.cfg.stall_timeout),
+                ));
             }
         }
         // Jobs still running fetch pieces nobody needs any more; results already queued
@@ -591,12 +761,17 @@ impl Engine {
         drop(ann_tx);
         let _ = tokio::time::timeout(crate::control::CALL_TIMEOUT, &mut announcer.0).await;
         let store = self.store.clone();
-        let ok = Self::blocking(move || store.verify_complete(&id, digest)).await?.map_err(|e| store_api_error(&e))?;
+        let ok = Self::blocking(move || store.verify_complete(&id, digest))
+            .await?
+            .map_err(|e| store_api_error(&e))?;
         if !ok {
             h.progress.send_modify(|p| p.stored = PieceSet::new(count));
             return Err(api_error(
                 ErrorKind::DigestMismatch,
-                format!("content does not match the expected digest {}", digest.map_or_else(String::new, |d| d.to_string())),
+                format!(
+                    "content does not match the expected digest {}",
+                    digest.map_or_else(String::new, |d| d.to_string())
+                ),
             ));
         }
         Ok(())
@@ -613,7 +788,12 @@ impl Engine {
         ann_tx: &mpsc::Sender<(AnnounceSource, PieceRecord)>,
     ) -> Result<Option<PieceIndex>, ApiError> {
         match ev {
-            Event::Stored { piece, digest, source, bytes } => {
+            Event::Stored {
+                piece,
+                digest,
+                source,
+                bytes,
+            } => {
                 busy.remove(piece);
                 known.insert(piece, digest);
                 h.set_stored(piece, true);
@@ -627,7 +807,11 @@ impl Engine {
                 let _ = ann_tx.try_send((source, PieceRecord { piece, digest }));
                 Ok(Some(piece))
             }
-            Event::Failed { piece, fatal, busy: all_busy } => {
+            Event::Failed {
+                piece,
+                fatal,
+                busy: all_busy,
+            } => {
                 busy.remove(piece);
                 if let Some(e) = fatal {
                     return Err(e);
@@ -636,7 +820,10 @@ impl Engine {
                     let n = attempts.entry(piece).or_insert(0);
                     *n += 1;
                     if *n >= MAX_PIECE_ATTEMPTS {
-                        return Err(api_error(ErrorKind::Stalled, format!("piece {piece} failed {n} times")));
+                        return Err(api_error(
+                            ErrorKind::Stalled,
+                            format!("piece {piece} failed {n} times"),
+                        ));
                     }
                 }
                 Ok(None)
@@ -655,34 +842,68 @@ impl Engine {
     ) {
         let id = h.id;
         match job {
-            Job::Parents { piece, digest, parents } => {
-                let ev = self.fetch_from_parents(id, layout, piece, digest, &parents).await;
+            Job::Parents {
+                piece,
+                digest,
+                parents,
+            } => {
+                let ev = self
+                    .fetch_from_parents(id, layout, piece, digest, &parents)
+                    .await;
                 let _ = events.send(ev).await;
             }
             Job::Origin { piece, expected } => {
-                let ev = self.fetch_from_origin(id, &h.request.url, &headers, layout, piece, expected).await;
+                let ev = self
+                    .fetch_from_origin(id, &h.request.url, &headers, layout, piece, expected)
+                    .await;
                 if matches!(ev, Event::Failed { .. }) {
                     let _ = self
                         .control
-                        .call(&ControlRequest::PieceFailed { host: self.control.host().clone(), task: id, piece, parent: None, reason: PieceFailure::Origin })
+                        .call(&ControlRequest::PieceFailed {
+                            host: self.control.host().clone(),
+                            task: id,
+                            piece,
+                            parent: None,
+                            reason: PieceFailure::Origin,
+                        })
                         .await;
                 }
                 let _ = events.send(ev).await;
             }
-            Job::OriginWhole => self.fetch_whole(id, &h.request.url, &headers, layout, &known, &events).await,
+            Job::OriginWhole => {
+                self.fetch_whole(id, &h.request.url, &headers, layout, &known, &events)
+                    .await
+            }
         }
     }
 
-    async fn store_piece(&self, id: TaskId, piece: PieceIndex, data: Bytes, digest: Sha256Digest) -> Result<(), ApiError> {
+    async fn store_piece(
+        &self,
+        id: TaskId,
+        piece: PieceIndex,
+        data: Bytes,
+        digest: Sha256Digest,
+    ) -> Result<(), ApiError> {
         let store = self.store.clone();
         Self::blocking(move || store.write_piece(&id, piece, &data, digest))
             .await?
             .map_err(|e| store_api_error(&e))
     }
 
-    async fn fetch_from_parents(&self, id: TaskId, layout: PieceLayout, piece: PieceIndex, digest: Sha256Digest, parents: &[ParentRef]) -> Event {
+    async fn fetch_from_parents(
+        &self,
+        id: TaskId,
+        layout: PieceLayout,
+        piece: PieceIndex,
+        digest: Sha256Digest,
+        parents: &[ParentRef],
+    ) -> Event {
         let Some((_, len)) = layout.piece_range(piece) else {
-            return Event::Failed { piece, fatal: None, busy: false };
+            return Event::Failed {
+                piece,
+                fatal: None,
+                busy: false,
+            };
         };
         let mut candidates: Vec<&ParentRef> = parents.iter().collect();
         for round in 0..BUSY_ROUNDS {
@@ -692,8 +913,17 @@ impl Engine {
                     Ok(data) => {
                         let bytes = data.len() as u64;
                         return match self.store_piece(id, piece, data, digest).await {
-                            Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Peer, bytes },
-                            Err(e) => Event::Failed { piece, fatal: Some(e), busy: false },
+                            Ok(()) => Event::Stored {
+                                piece,
+                                digest,
+                                source: AnnounceSource::Peer,
+                                bytes,
+                            },
+                            Err(e) => Event::Failed {
+                                piece,
+                                fatal: Some(e),
+                                busy: false,
+                            },
                         };
                     }
                     Err(PeerError::Busy { .. }) => {
@@ -711,12 +941,24 @@ impl Engine {
             candidates = busy;
             tokio::time::sleep(BUSY_BACKOFF * (round + 1)).await;
         }
-        Event::Failed { piece, fatal: None, busy: true }
+        Event::Failed {
+            piece,
+            fatal: None,
+            busy: true,
+        }
     }
 
-    async fn parent_failed(&self, id: TaskId, piece: PieceIndex, parent: &ParentRef, e: &PeerError) {
+    async fn parent_failed(
+        &self,
+        id: TaskId,
+        piece: PieceIndex,
+        parent: &ParentRef,
+        e: &PeerError,
+    ) {
         let (reason, label) = match e {
-            PeerError::DigestMismatch { .. } | PeerError::RemoteCorrupt { .. } | PeerError::Length { .. } => (PieceFailure::Corrupt, "corrupt"),
+            PeerError::DigestMismatch { .. }
+            | PeerError::RemoteCorrupt { .. }
+            | PeerError::Length { .. } => (PieceFailure::Corrupt, "corrupt"),
             PeerError::NotFound { .. } => (PieceFailure::NotFound, "not_found"),
             _ => (PieceFailure::Unreachable, "unreachable"),
         };
@@ -732,14 +974,32 @@ impl Engine {
         if self.control.is_up() {
             let _ = self
                 .control
-                .call(&ControlRequest::PieceFailed { host: self.control.host().clone(), task: id, piece, parent: Some(parent.host.clone()), reason })
+                .call(&ControlRequest::PieceFailed {
+                    host: self.control.host().clone(),
+                    task: id,
+                    piece,
+                    parent: Some(parent.host.clone()),
+                    reason,
+                })
                 .await;
         }
     }
 
-    async fn fetch_from_origin(&self, id: TaskId, url: &str, headers: &HeaderMap, layout: PieceLayout, piece: PieceIndex, expected: Option<Sha256Digest>) -> Event {
+    async fn fetch_from_origin(
+        &self,
+        id: TaskId,
+        url: &str,
+        headers: &HeaderMap,
+        layout: PieceLayout,
+        piece: PieceIndex,
+        expected: Option<Sha256Digest>,
+    ) -> Event {
         let Some((offset, len)) = layout.piece_range(piece) else {
-            return Event::Failed { piece, fatal: None, busy: false };
+            return Event::Failed {
+                piece,
+                fatal: None,
+                busy: false,
+            };
         };
         let data = match self.origin.fetch_range(url, headers, offset, len).await {
             Ok(d) => d,
@@ -748,31 +1008,60 @@ impl Engine {
                 tracing::info!(task = %id, %piece, error = %e, "origin fetch failed");
                 let fatal = matches!(&e, OriginError::Status { status, .. } if (400..500).contains(status) && *status != 429)
                     .then(|| origin_api_error(&e));
-                return Event::Failed { piece, fatal, busy: false };
+                return Event::Failed {
+                    piece,
+                    fatal,
+                    busy: false,
+                };
             }
         };
         let check = data.clone();
-        let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await else {
-            return Event::Failed { piece, fatal: None, busy: false };
+        let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await
+        else {
+            return Event::Failed {
+                piece,
+                fatal: None,
+                busy: false,
+            };
         };
         if expected.is_some_and(|e| e != digest) {
             tracing::warn!(task = %id, %piece, "origin piece differs from the recorded digest");
             return Event::Failed {
                 piece,
-                fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))),
+                fatal: Some(api_error(
+                    ErrorKind::DigestMismatch,
+                    format!("origin content changed: piece {piece} differs from its record"),
+                )),
                 busy: false,
             };
         }
         let bytes = data.len() as u64;
         match self.store_piece(id, piece, data, digest).await {
-            Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Origin, bytes },
-            Err(e) => Event::Failed { piece, fatal: Some(e), busy: false },
+            Ok(()) => Event::Stored {
+                piece,
+                digest,
+                source: AnnounceSource::Origin,
+                bytes,
+            },
+            Err(e) => Event::Failed {
+                piece,
+                fatal: Some(e),
+                busy: false,
+            },
         }
     }
 
     /// Streams the whole content from an origin without Range support, cutting it into
     /// pieces as it goes.
-    async fn fetch_whole(&self, id: TaskId, url: &str, headers: &HeaderMap, layout: PieceLayout, known: &HashMap<PieceIndex, Sha256Digest>, events: &mpsc::Sender<Event>) {
+    async fn fetch_whole(
+        &self,
+        id: TaskId,
+        url: &str,
+        headers: &HeaderMap,
+        layout: PieceLayout,
+        known: &HashMap<PieceIndex, Sha256Digest>,
+        events: &mpsc::Sender<Event>,
+    ) {
         let stored = self.store.stored(&id).unwrap_or_default();
         let mut next = PieceIndex(0);
         let fail_rest = |from: u32, fatal: Option<ApiError>| {
@@ -781,7 +1070,13 @@ impl Engine {
                 let mut fatal = fatal;
                 for p in from..layout.piece_count() {
                     if !stored.contains(PieceIndex(p)) {
-                        let _ = events.send(Event::Failed { piece: PieceIndex(p), fatal: fatal.take(), busy: false }).await;
+                        let _ = events
+                            .send(Event::Failed {
+                                piece: PieceIndex(p),
+                                fatal: fatal.take(),
+                                busy: false,
+                            })
+                            .await;
                     }
                 }
             }
@@ -789,14 +1084,18 @@ impl Engine {
         let mut body = match self.origin.fetch_all(url, headers).await {
             Ok(b) => Box::pin(b),
             Err(e) => {
-                let fatal = matches!(&e, OriginError::Status { status, .. } if (400..500).contains(status)).then(|| origin_api_error(&e));
+                let fatal =
+                    matches!(&e, OriginError::Status { status, .. } if (400..500).contains(status))
+                        .then(|| origin_api_error(&e));
                 fail_rest(0, fatal).await;
                 return;
             }
         };
         let mut buf = BytesMut::new();
         while next.0 < layout.piece_count() {
-            let Some((_, len)) = layout.piece_range(next) else { break };
+            let Some((_, len)) = layout.piece_range(next) else {
+                break;
+            };
             while buf.len() < len as usize {
                 match body.next().await {
                     Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
@@ -806,7 +1105,14 @@ impl Engine {
                         return;
                     }
                     None => {
-                        fail_rest(next.0, Some(api_error(ErrorKind::OriginUnreachable, "origin body shorter than its Content-Length"))).await;
+                        fail_rest(
+                            next.0,
+                            Some(api_error(
+                                ErrorKind::OriginUnreachable,
+                                "origin body shorter than its Content-Length",
+                            )),
+                        )
+                        .await;
                         return;
                     }
                 }
@@ -818,12 +1124,21 @@ impl Engine {
                 continue;
             }
             let check = data.clone();
-            let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await else { return };
+            let Ok(digest) =
+                Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await
+            else {
+                return;
+            };
             if known.get(&piece).is_some_and(|k| *k != digest) {
                 let _ = events
                     .send(Event::Failed {
                         piece,
-                        fatal: Some(api_error(ErrorKind::DigestMismatch, format!("origin content changed: piece {piece} differs from its record"))),
+                        fatal: Some(api_error(
+                            ErrorKind::DigestMismatch,
+                            format!(
+                                "origin content changed: piece {piece} differs from its record"
+                            ),
+                        )),
                         busy: false,
                     })
                     .await;
@@ -831,8 +1146,17 @@ impl Engine {
             }
             let bytes = data.len() as u64;
             let ev = match self.store_piece(id, piece, data, digest).await {
-                Ok(()) => Event::Stored { piece, digest, source: AnnounceSource::Origin, bytes },
-                Err(e) => Event::Failed { piece, fatal: Some(e), busy: false },
+                Ok(()) => Event::Stored {
+                    piece,
+                    digest,
+                    source: AnnounceSource::Origin,
+                    bytes,
+                },
+                Err(e) => Event::Failed {
+                    piece,
+                    fatal: Some(e),
+                    busy: false,
+                },
             };
             if events.send(ev).await.is_err() {
                 return;
@@ -847,7 +1171,10 @@ impl Engine {
         let id = h.id;
         let r = tokio::task::spawn_blocking(move || store.read_piece(&id, piece))
             .await
-            .map_err(|e| StoreError::Io { path: Default::default(), source: std::io::Error::other(e) })?;
+            .map_err(|e| StoreError::Io {
+                path: Default::default(),
+                source: std::io::Error::other(e),
+            })?;
         if let Err(StoreError::Corrupt { .. } | StoreError::Missing { .. }) = &r {
             self.metrics.corrupt_local_pieces.inc();
             h.set_stored(piece, false);
@@ -865,18 +1192,35 @@ impl Drop for AbortOnDrop {
 
 /// Sends landed pieces to the supernode in batches; whatever is queued while one call
 /// is in flight goes in the next.
-async fn announce_loop(control: Arc<ControlClient>, host: proto::HostId, task: TaskId, mut rx: mpsc::Receiver<(AnnounceSource, PieceRecord)>) {
+async fn announce_loop(
+    control: Arc<ControlClient>,
+    host: proto::HostId,
+    task: TaskId,
+    mut rx: mpsc::Receiver<(AnnounceSource, PieceRecord)>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
         for source in [AnnounceSource::Origin, AnnounceSource::Peer] {
-            let pieces: Vec<PieceRecord> = batch.iter().filter(|(s, _)| *s == source).map(|(_, r)| *r).collect();
+            let pieces: Vec<PieceRecord> = batch
+                .iter()
+                .filter(|(s, _)| *s == source)
+                .map(|(_, r)| *r)
+                .collect();
             if pieces.is_empty() || !control.is_up() {
                 continue;
             }
-            if let Err(e) = control.call(&ControlRequest::AnnouncePieces { host: host.clone(), task, source, pieces }).await {
+            if let Err(e) = control
+                .call(&ControlRequest::AnnouncePieces {
+                    host: host.clone(),
+                    task,
+                    source,
+                    pieces,
+                })
+                .await
+            {
                 tracing::debug!(%task, error = %e, "announce failed; pieces are re-announced on re-registration");
             }
         }

@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{DaemonConfig, SupernodeMode};
 use crate::control::ControlClient;
-use crate::download::Engine;
+use crate::download::{Engine, EngineParts};
 use crate::metrics::Metrics;
 use crate::peer::PeerClient;
 
@@ -51,7 +51,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Error)]
 pub enum DaemonError {
     #[error("creating {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "cluster CA not found at {cert} / {key}: pass --ca-cert and --ca-key (the supernode creates them in its data dir)"
     )]
@@ -61,9 +64,15 @@ pub enum DaemonError {
     #[error("embedded supernode: {0}")]
     Supernode(#[from] supernode::SupernodeError),
     #[error("binding peer endpoint {addr}: {source}")]
-    BindPeer { addr: SocketAddr, source: std::io::Error },
+    BindPeer {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("binding API socket {path}: {source}")]
-    BindApi { path: PathBuf, source: std::io::Error },
+    BindApi {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
@@ -99,20 +108,30 @@ fn advertise(listen: SocketAddr, supernode: SocketAddr) -> SocketAddr {
 
 impl Daemon {
     pub async fn start(cfg: DaemonConfig) -> Result<Self, DaemonError> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| DaemonError::Dir { path: cfg.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| DaemonError::Dir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
 
         let (ca, embedded) = match cfg.supernode {
             SupernodeMode::Embedded => {
-                let sn_cfg = SupernodeConfig::embedded(cfg.data_dir.join("supernode"), cfg.ca_cert.clone(), cfg.ca_key.clone());
+                let sn_cfg = SupernodeConfig::embedded(
+                    cfg.data_dir.join("supernode"),
+                    cfg.ca_cert.clone(),
+                    cfg.ca_key.clone(),
+                );
                 let sn = Supernode::start(sn_cfg, cancel.child_token()).await?;
                 (ClusterCa::load(&cfg.ca_cert, &cfg.ca_key)?, Some(sn))
             }
             SupernodeMode::External(_) => {
                 if !cfg.ca_cert.exists() || !cfg.ca_key.exists() {
-                    return Err(DaemonError::NoCa { cert: cfg.ca_cert.clone(), key: cfg.ca_key.clone() });
+                    return Err(DaemonError::NoCa {
+                        cert: cfg.ca_cert.clone(),
+                        key: cfg.ca_key.clone(),
+                    });
                 }
                 (ClusterCa::load(&cfg.ca_cert, &cfg.ca_key)?, None)
             }
@@ -120,15 +139,30 @@ impl Daemon {
         let supernode_addr = match (&cfg.supernode, &embedded) {
             (SupernodeMode::External(a), _) => *a,
             (_, Some(sn)) => sn.control_addr,
-            (SupernodeMode::Embedded, None) => unreachable!("embedded mode always starts a supernode"),
+            (SupernodeMode::Embedded, None) => {
+                unreachable!("embedded mode always starts a supernode")
+            }
         };
         let supernode_api = embedded.as_ref().map(|s| s.api_addr);
 
         let identity = ca.issue(&[proto::PEER_SERVER_NAME, cfg.host_id.as_str()])?;
-        let endpoint = quinn::Endpoint::server(ca.server_config(&identity, proto::PEER_ALPN)?, cfg.peer_listen)
-            .map_err(|source| DaemonError::BindPeer { addr: cfg.peer_listen, source })?;
-        let bound = endpoint.local_addr().map_err(|source| DaemonError::BindPeer { addr: cfg.peer_listen, source })?;
-        let peer_addr = cfg.advertise_addr.unwrap_or_else(|| advertise(bound, supernode_addr));
+        let endpoint = quinn::Endpoint::server(
+            ca.server_config(&identity, proto::PEER_ALPN)?,
+            cfg.peer_listen,
+        )
+        .map_err(|source| DaemonError::BindPeer {
+            addr: cfg.peer_listen,
+            source,
+        })?;
+        let bound = endpoint
+            .local_addr()
+            .map_err(|source| DaemonError::BindPeer {
+                addr: cfg.peer_listen,
+                source,
+            })?;
+        let peer_addr = cfg
+            .advertise_addr
+            .unwrap_or_else(|| advertise(bound, supernode_addr));
 
         let store = store::Store::open(&cfg.data_dir.join("store"), cfg.quota)?;
         let info = HostInfo {
@@ -145,28 +179,44 @@ impl Daemon {
             info,
             metrics.clone(),
         ));
-        let peers = Arc::new(PeerClient::new(endpoint.clone(), ca.client_config(&identity, proto::PEER_ALPN)?));
-        let engine = Engine::new(
-            store.clone(),
-            control.clone(),
+        let peers = Arc::new(PeerClient::new(
+            endpoint.clone(),
+            ca.client_config(&identity, proto::PEER_ALPN)?,
+        ));
+        let engine = Engine::new(EngineParts {
+            store: store.clone(),
+            control: control.clone(),
             peers,
-            origin::Origin::new()?,
-            cfg.engine.clone(),
-            metrics.clone(),
-            tracker.clone(),
-            cancel.clone(),
-        );
+            origin: origin::Origin::new()?,
+            cfg: cfg.engine.clone(),
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+        });
 
         // Piece server.
         let uploads = Arc::new(Semaphore::new(cfg.upload_slots as usize));
         {
-            let (store, uploads, metrics, tracker2) = (store.clone(), uploads.clone(), metrics.clone(), tracker.clone());
+            let (store, uploads, metrics, tracker2) = (
+                store.clone(),
+                uploads.clone(),
+                metrics.clone(),
+                tracker.clone(),
+            );
             tracker.spawn(supernode::transport::accept_loop(
                 endpoint.clone(),
                 MAX_PEER_CONNECTIONS,
                 cancel.clone(),
                 tracker.clone(),
-                move |conn| peer::serve_connection(conn, store.clone(), uploads.clone(), metrics.clone(), tracker2.clone()),
+                move |conn| {
+                    peer::serve_connection(
+                        conn,
+                        store.clone(),
+                        uploads.clone(),
+                        metrics.clone(),
+                        tracker2.clone(),
+                    )
+                },
             ));
         }
 
@@ -179,21 +229,37 @@ impl Daemon {
                 false
             }
         };
-        tracker.spawn(control.clone().run(store.clone(), uploads.clone(), cfg.upload_slots, registered, cancel.clone()));
+        tracker.spawn(control.clone().run(
+            store.clone(),
+            uploads.clone(),
+            cfg.upload_slots,
+            registered,
+            cancel.clone(),
+        ));
 
         // Local API.
         if let Some(parent) = cfg.api_sock.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| DaemonError::Dir { path: parent.to_path_buf(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| DaemonError::Dir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
         // A socket file left by a previous run would make bind fail.
         let _ = std::fs::remove_file(&cfg.api_sock);
-        let listener = tokio::net::UnixListener::bind(&cfg.api_sock)
-            .map_err(|source| DaemonError::BindApi { path: cfg.api_sock.clone(), source })?;
+        let listener = tokio::net::UnixListener::bind(&cfg.api_sock).map_err(|source| {
+            DaemonError::BindApi {
+                path: cfg.api_sock.clone(),
+                source,
+            }
+        })?;
         let app = api::router(Arc::new(api::ApiState { engine, metrics }));
         {
             let cancel = cancel.clone();
             tracker.spawn(async move {
-                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await {
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await
+                {
                     tracing::error!(error = %e, "local API stopped");
                 }
             });
@@ -221,7 +287,10 @@ impl Daemon {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("daemon tasks did not stop within the grace period");
         }
         if let Some(sn) = self.embedded {

@@ -60,7 +60,8 @@ async fn main() -> anyhow::Result<()> {
     supernode::init_tracing(args.log_json);
     let file: FileConfig = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
         }
         None => FileConfig::default(),
@@ -78,7 +79,8 @@ async fn main() -> anyhow::Result<()> {
         quota: args.quota,
         upload_slots: args.upload_slots,
     };
-    let cfg = DaemonConfig::resolve(file, flags).map_err(|errs| anyhow!("invalid configuration:\n  {}", errs.join("\n  ")))?;
+    let cfg = DaemonConfig::resolve(file, flags)
+        .map_err(|errs| anyhow!("invalid configuration:\n  {}", errs.join("\n  ")))?;
     let daemon = dfdaemon::Daemon::start(cfg).await?;
     if let Some(api) = daemon.supernode_api {
         tracing::info!(%api, "embedded supernode HTTP API");

@@ -35,23 +35,59 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("dfdaemon");
         let piece_bytes = Family::<SourceLabels, Counter>::default();
-        registry.register("piece_bytes", "Verified piece bytes obtained, by source", piece_bytes.clone());
+        registry.register(
+            "piece_bytes",
+            "Verified piece bytes obtained, by source",
+            piece_bytes.clone(),
+        );
         let pieces = Family::<SourceLabels, Counter>::default();
-        registry.register("pieces", "Verified pieces obtained, by source", pieces.clone());
+        registry.register(
+            "pieces",
+            "Verified pieces obtained, by source",
+            pieces.clone(),
+        );
         let piece_failures = Family::<ReasonLabels, Counter>::default();
-        registry.register("piece_failures", "Failed piece fetches, by reason", piece_failures.clone());
+        registry.register(
+            "piece_failures",
+            "Failed piece fetches, by reason",
+            piece_failures.clone(),
+        );
         let upload_bytes = Counter::default();
-        registry.register("upload_bytes", "Piece bytes served to other daemons", upload_bytes.clone());
+        registry.register(
+            "upload_bytes",
+            "Piece bytes served to other daemons",
+            upload_bytes.clone(),
+        );
         let upload_busy = Counter::default();
-        registry.register("upload_busy", "Piece requests refused because all upload slots were taken", upload_busy.clone());
+        registry.register(
+            "upload_busy",
+            "Piece requests refused because all upload slots were taken",
+            upload_busy.clone(),
+        );
         let uploads_in_flight = Gauge::default();
-        registry.register("uploads_in_flight", "Piece uploads running now", uploads_in_flight.clone());
+        registry.register(
+            "uploads_in_flight",
+            "Piece uploads running now",
+            uploads_in_flight.clone(),
+        );
         let corrupt_local_pieces = Counter::default();
-        registry.register("corrupt_local_pieces", "Stored pieces that failed verification and were dropped", corrupt_local_pieces.clone());
+        registry.register(
+            "corrupt_local_pieces",
+            "Stored pieces that failed verification and were dropped",
+            corrupt_local_pieces.clone(),
+        );
         let downloads = Family::<ReasonLabels, Counter>::default();
-        registry.register("downloads", "Local API downloads by outcome", downloads.clone());
+        registry.register(
+            "downloads",
+            "Local API downloads by outcome",
+            downloads.clone(),
+        );
         let supernode_up = Gauge::default();
-        registry.register("supernode_up", "1 while the supernode answers", supernode_up.clone());
+        registry.register(
+            "supernode_up",
+            "1 while the supernode answers",
+            supernode_up.clone(),
+        );
         Self {
             registry,
             piece_bytes,
@@ -75,11 +111,15 @@ impl Metrics {
     }
 
     pub fn got_piece(&self, source: &'static str, bytes: u64) {
-        self.piece_bytes.get_or_create(&SourceLabels { source }).inc_by(bytes);
+        self.piece_bytes
+            .get_or_create(&SourceLabels { source })
+            .inc_by(bytes);
         self.pieces.get_or_create(&SourceLabels { source }).inc();
     }
 
     pub fn failed(&self, reason: &'static str) {
-        self.piece_failures.get_or_create(&ReasonLabels { reason }).inc();
+        self.piece_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 }

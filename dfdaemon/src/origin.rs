@@ -42,7 +42,8 @@ pub struct Origin {
 pub fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, OriginError> {
     let mut map = HeaderMap::new();
     for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| OriginError::BadHeader(k.clone()))?;
+        let name =
+            HeaderName::from_bytes(k.as_bytes()).map_err(|_| OriginError::BadHeader(k.clone()))?;
         let value = HeaderValue::from_str(v).map_err(|_| OriginError::BadHeader(k.clone()))?;
         map.append(name, value);
     }
@@ -84,7 +85,9 @@ impl Origin {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.rsplit_once('/'))
                     .and_then(|(_, total)| total.trim().parse::<u64>().ok())
-                    .ok_or_else(|| OriginError::Protocol("206 without a usable Content-Range".into()))?;
+                    .ok_or_else(|| {
+                        OriginError::Protocol("206 without a usable Content-Range".into())
+                    })?;
                 Ok(Probe {
                     content_length: total,
                     supports_range: true,
@@ -96,7 +99,11 @@ impl Origin {
                     .get(CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| OriginError::Protocol("origin sent neither a range nor a Content-Length".into()))?;
+                    .ok_or_else(|| {
+                        OriginError::Protocol(
+                            "origin sent neither a range nor a Content-Length".into(),
+                        )
+                    })?;
                 // Dropping the response closes the connection before the body is read.
                 Ok(Probe {
                     content_length: len,
@@ -116,7 +123,13 @@ impl Origin {
     }
 
     /// Fetches exactly `len` bytes at `offset` by Range.
-    pub async fn fetch_range(&self, url: &str, headers: &HeaderMap, offset: u64, len: u32) -> Result<Bytes, OriginError> {
+    pub async fn fetch_range(
+        &self,
+        url: &str,
+        headers: &HeaderMap,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, OriginError> {
         let last = offset + u64::from(len) - 1;
         let resp = self
             .client
@@ -138,12 +151,17 @@ impl Origin {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(send_error)?;
             if buf.len() + chunk.len() > len as usize {
-                return Err(OriginError::Protocol(format!("range answer longer than {len} bytes")));
+                return Err(OriginError::Protocol(format!(
+                    "range answer longer than {len} bytes"
+                )));
             }
             buf.extend_from_slice(&chunk);
         }
         if buf.len() != len as usize {
-            return Err(OriginError::Protocol(format!("range answer of {} bytes, wanted {len}", buf.len())));
+            return Err(OriginError::Protocol(format!(
+                "range answer of {} bytes, wanted {len}",
+                buf.len()
+            )));
         }
         Ok(buf.freeze())
     }
@@ -153,8 +171,15 @@ impl Origin {
         &self,
         url: &str,
         headers: &HeaderMap,
-    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, OriginError>> + use<>, OriginError> {
-        let resp = self.client.get(url).headers(headers.clone()).send().await.map_err(send_error)?;
+    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, OriginError>> + use<>, OriginError>
+    {
+        let resp = self
+            .client
+            .get(url)
+            .headers(headers.clone())
+            .send()
+            .await
+            .map_err(send_error)?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(OriginError::Status {

@@ -37,7 +37,10 @@ pub enum PeerError {
     #[error("connecting to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("parent {addr}: {source}")]
-    Frame { addr: SocketAddr, source: FrameIoError },
+    Frame {
+        addr: SocketAddr,
+        source: FrameIoError,
+    },
     #[error("parent {addr} timed out")]
     Timeout { addr: SocketAddr },
     #[error("parent {addr} does not have the piece")]
@@ -47,7 +50,11 @@ pub enum PeerError {
     #[error("parent {addr} reported its copy corrupt")]
     RemoteCorrupt { addr: SocketAddr },
     #[error("parent {addr} sent {got} bytes, piece is {want}")]
-    Length { addr: SocketAddr, got: u32, want: u32 },
+    Length {
+        addr: SocketAddr,
+        got: u32,
+        want: u32,
+    },
     #[error("parent {addr} sent bytes that do not match the recorded digest")]
     DigestMismatch { addr: SocketAddr },
     #[error("parent {addr}: {reason}")]
@@ -83,7 +90,8 @@ async fn serve_stream(
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 ) -> Result<(), FrameIoError> {
-    let req: PieceRequest = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv)).await {
+    let req: PieceRequest = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv)).await
+    {
         Ok(r) => r?,
         Err(_) => return Ok(()),
     };
@@ -104,8 +112,17 @@ async fn serve_stream(
     };
     match resp {
         Ok((data, digest)) => {
-            write_frame(&mut send, &PieceResponse::Data { len: data.len() as u32, digest }).await?;
-            send.write_chunk(data.clone()).await.map_err(FrameIoError::Write)?;
+            write_frame(
+                &mut send,
+                &PieceResponse::Data {
+                    len: data.len() as u32,
+                    digest,
+                },
+            )
+            .await?;
+            send.write_chunk(data.clone())
+                .await
+                .map_err(FrameIoError::Write)?;
             send.finish()?;
             metrics.upload_bytes.inc_by(data.len() as u64);
             // Wait for the peer to take the data before releasing the slot, so the slot
@@ -140,10 +157,10 @@ impl PeerClient {
     }
 
     async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, PeerError> {
-        if let Some(c) = self.conns.lock().await.get(&addr) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.conns.lock().await.get(&addr)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
         }
         let err = |reason: String| PeerError::Connect { addr, reason };
         let connecting = self
@@ -180,11 +197,13 @@ impl PeerClient {
         let conn = self.connection(addr).await?;
         let work = async {
             let frame = |source| PeerError::Frame { addr, source };
-            let (mut send, mut recv) = conn
-                .open_bi()
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Stream {
+                addr,
+                reason: e.to_string(),
+            })?;
+            write_frame(&mut send, &PieceRequest { task, piece })
                 .await
-                .map_err(|e| PeerError::Stream { addr, reason: e.to_string() })?;
-            write_frame(&mut send, &PieceRequest { task, piece }).await.map_err(frame)?;
+                .map_err(frame)?;
             send.finish().map_err(|e| frame(e.into()))?;
             let header: PieceResponse = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv))
                 .await
@@ -197,19 +216,29 @@ impl PeerClient {
                 PieceResponse::Corrupt => return Err(PeerError::RemoteCorrupt { addr }),
             };
             if got != len {
-                return Err(PeerError::Length { addr, got, want: len });
+                return Err(PeerError::Length {
+                    addr,
+                    got,
+                    want: len,
+                });
             }
             let mut buf = BytesMut::zeroed(len as usize);
-            recv.read_exact(&mut buf).await.map_err(|e| frame(e.into()))?;
+            recv.read_exact(&mut buf)
+                .await
+                .map_err(|e| frame(e.into()))?;
             Ok(buf.freeze())
         };
         let data = tokio::time::timeout(PIECE_TIMEOUT, work)
             .await
             .map_err(|_| PeerError::Timeout { addr })??;
         let check = data.clone();
-        let actual = tokio::task::spawn_blocking(move || Sha256Digest::from(Sha256::digest(&check)))
-            .await
-            .map_err(|e| PeerError::Stream { addr, reason: e.to_string() })?;
+        let actual =
+            tokio::task::spawn_blocking(move || Sha256Digest::from(Sha256::digest(&check)))
+                .await
+                .map_err(|e| PeerError::Stream {
+                    addr,
+                    reason: e.to_string(),
+                })?;
         if actual != digest {
             return Err(PeerError::DigestMismatch { addr });
         }

@@ -39,11 +39,19 @@ pub enum StoreError {
     #[error("task {0} has no layout yet")]
     NoLayout(TaskId),
     #[error("piece {piece} of task {task} has {got} bytes, layout says {want}")]
-    PieceLength { task: TaskId, piece: PieceIndex, got: usize, want: u32 },
+    PieceLength {
+        task: TaskId,
+        piece: PieceIndex,
+        got: usize,
+        want: u32,
+    },
     #[error("disk quota: need {need} bytes, {free} free of {quota} after evicting unused content")]
     Quota { need: u64, free: u64, quota: u64 },
     #[error("store I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store metadata: {0}")]
     Sled(#[from] sled::Error),
     #[error("store metadata encoding: {0}")]
@@ -80,7 +88,9 @@ pub struct Store {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn piece_key(task: &TaskId, piece: PieceIndex) -> [u8; 36] {
@@ -150,7 +160,9 @@ impl Store {
         let mut entries = self.lock();
         for kv in self.meta.iter() {
             let (k, v) = kv?;
-            let Ok(id) = <[u8; 32]>::try_from(k.as_ref()).map(TaskId::from_bytes) else { continue };
+            let Ok(id) = <[u8; 32]>::try_from(k.as_ref()).map(TaskId::from_bytes) else {
+                continue;
+            };
             let Ok(meta) = postcard::from_bytes::<TaskMeta>(&v) else {
                 tracing::warn!(task = %id, "dropping undecodable task metadata");
                 let _ = self.meta.remove(&k);
@@ -162,13 +174,21 @@ impl Store {
             for kv in self.pieces.scan_prefix(id.as_bytes()) {
                 let (k, v) = kv?;
                 let idx = u32::from_be_bytes(k[32..36].try_into().unwrap_or([0xff; 4]));
-                if let (Some(slot), Ok(d)) = (digests.get_mut(idx as usize), <[u8; 32]>::try_from(v.as_ref())) {
+                if let (Some(slot), Ok(d)) = (
+                    digests.get_mut(idx as usize),
+                    <[u8; 32]>::try_from(v.as_ref()),
+                ) {
                     *slot = Some(Sha256Digest::from_bytes(d));
                     stored.insert(PieceIndex(idx));
                 }
             }
             let file = match meta.layout {
-                Some(_) => File::options().read(true).write(true).open(self.data_path(&id)).ok().map(Arc::new),
+                Some(_) => File::options()
+                    .read(true)
+                    .write(true)
+                    .open(self.data_path(&id))
+                    .ok()
+                    .map(Arc::new),
                 None => None,
             };
             if meta.layout.is_some() && file.is_none() {
@@ -199,7 +219,8 @@ impl Store {
     }
 
     fn put_meta(&self, task: &TaskId, meta: &TaskMeta) -> Result<(), StoreError> {
-        self.meta.insert(task.as_bytes(), postcard::to_allocvec(meta)?)?;
+        self.meta
+            .insert(task.as_bytes(), postcard::to_allocvec(meta)?)?;
         Ok(())
     }
 
@@ -256,7 +277,10 @@ impl Store {
 
     /// Every task with a layout and at least one piece, for re-announcing.
     pub fn tasks(&self) -> Vec<(TaskId, TaskMeta)> {
-        self.lock().iter().map(|(id, e)| (*id, e.meta.clone())).collect()
+        self.lock()
+            .iter()
+            .map(|(id, e)| (*id, e.meta.clone()))
+            .collect()
     }
 
     pub fn used_bytes(&self) -> u64 {
@@ -269,7 +293,12 @@ impl Store {
     /// Fixes the task's layout and reserves its space, evicting unused complete tasks
     /// (least recently used first) if the quota demands it. A layout that differs from
     /// the stored one discards what was stored (the content changed).
-    pub fn set_layout(&self, task: &TaskId, layout: PieceLayout, supports_range: bool) -> Result<(), StoreError> {
+    pub fn set_layout(
+        &self,
+        task: &TaskId,
+        layout: PieceLayout,
+        supports_range: bool,
+    ) -> Result<(), StoreError> {
         let mut entries = self.lock();
         let current = entries.get(task).ok_or(StoreError::UnknownTask(*task))?;
         if current.meta.layout == Some(layout) && current.file.is_some() {
@@ -285,7 +314,11 @@ impl Store {
             let mut victims: Vec<(u64, TaskId, u64)> = entries
                 .iter()
                 .filter(|(id, e)| *id != task && e.users == 0)
-                .filter_map(|(id, e)| e.meta.layout.map(|l| (e.meta.last_access, *id, l.content_length)))
+                .filter_map(|(id, e)| {
+                    e.meta
+                        .layout
+                        .map(|l| (e.meta.last_access, *id, l.content_length))
+                })
                 .collect();
             victims.sort();
             for (_, id, len) in victims {
@@ -306,11 +339,22 @@ impl Store {
             }
         }
         let path = self.data_path(task);
-        let io = |source| StoreError::Io { path: path.clone(), source };
-        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).map_err(io)?;
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io)?;
         file.set_len(layout.content_length).map_err(io)?;
         self.clear_pieces(task)?;
-        let e = entries.get_mut(task).ok_or(StoreError::UnknownTask(*task))?;
+        let e = entries
+            .get_mut(task)
+            .ok_or(StoreError::UnknownTask(*task))?;
         e.meta.layout = Some(layout);
         e.meta.supports_range = supports_range;
         e.meta.complete = false;
@@ -328,25 +372,51 @@ impl Store {
         let _ = std::fs::remove_file(self.data_path(task));
     }
 
-    fn file_and_range(&self, task: &TaskId, piece: PieceIndex) -> Result<(Arc<File>, u64, u32, Option<Sha256Digest>), StoreError> {
+    fn file_and_range(
+        &self,
+        task: &TaskId,
+        piece: PieceIndex,
+    ) -> Result<(Arc<File>, u64, u32, Option<Sha256Digest>), StoreError> {
         let entries = self.lock();
         let e = entries.get(task).ok_or(StoreError::UnknownTask(*task))?;
         let layout = e.meta.layout.ok_or(StoreError::NoLayout(*task))?;
-        let (offset, len) = layout.piece_range(piece).ok_or(StoreError::Missing { task: *task, piece })?;
+        let (offset, len) = layout
+            .piece_range(piece)
+            .ok_or(StoreError::Missing { task: *task, piece })?;
         let file = e.file.clone().ok_or(StoreError::NoLayout(*task))?;
-        let digest = if e.stored.contains(piece) { e.digests[piece.0 as usize] } else { None };
+        let digest = if e.stored.contains(piece) {
+            e.digests[piece.0 as usize]
+        } else {
+            None
+        };
         Ok((file, offset, len, digest))
     }
 
     /// Writes a piece whose bytes the caller has verified against `digest`, then records it.
     /// Blocking: call from a blocking context.
-    pub fn write_piece(&self, task: &TaskId, piece: PieceIndex, data: &[u8], digest: Sha256Digest) -> Result<(), StoreError> {
+    pub fn write_piece(
+        &self,
+        task: &TaskId,
+        piece: PieceIndex,
+        data: &[u8],
+        digest: Sha256Digest,
+    ) -> Result<(), StoreError> {
         let (file, offset, len, _) = self.file_and_range(task, piece)?;
         if data.len() != len as usize {
-            return Err(StoreError::PieceLength { task: *task, piece, got: data.len(), want: len });
+            return Err(StoreError::PieceLength {
+                task: *task,
+                piece,
+                got: data.len(),
+                want: len,
+            });
         }
-        file.write_all_at(data, offset).map_err(|source| StoreError::Io { path: self.data_path(task), source })?;
-        self.pieces.insert(piece_key(task, piece), digest.as_bytes().as_slice())?;
+        file.write_all_at(data, offset)
+            .map_err(|source| StoreError::Io {
+                path: self.data_path(task),
+                source,
+            })?;
+        self.pieces
+            .insert(piece_key(task, piece), digest.as_bytes().as_slice())?;
         // Make the record durable before anyone is told the piece exists, so a killed
         // daemon resumes from every piece it announced. The data itself needs no fsync:
         // reads verify, so a torn write after power loss is refetched, never served.
@@ -363,11 +433,19 @@ impl Store {
 
     /// Reads a stored piece and checks it against its digest. A mismatch drops the piece
     /// (so it is refetched) and reports [`StoreError::Corrupt`]. Blocking.
-    pub fn read_piece(&self, task: &TaskId, piece: PieceIndex) -> Result<(Bytes, Sha256Digest), StoreError> {
+    pub fn read_piece(
+        &self,
+        task: &TaskId,
+        piece: PieceIndex,
+    ) -> Result<(Bytes, Sha256Digest), StoreError> {
         let (file, offset, len, digest) = self.file_and_range(task, piece)?;
         let digest = digest.ok_or(StoreError::Missing { task: *task, piece })?;
         let mut buf = BytesMut::zeroed(len as usize);
-        file.read_exact_at(&mut buf, offset).map_err(|source| StoreError::Io { path: self.data_path(task), source })?;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|source| StoreError::Io {
+                path: self.data_path(task),
+                source,
+            })?;
         if Sha256Digest::from(Sha256::digest(&buf)) != digest {
             tracing::error!(%task, %piece, "stored piece failed verification; dropping it");
             self.drop_piece(task, piece);
@@ -390,7 +468,11 @@ impl Store {
 
     /// Checks the whole content against `expected` (blocking; streams the data file) and
     /// marks the task complete if it matches. A mismatch drops every piece.
-    pub fn verify_complete(&self, task: &TaskId, expected: Option<Sha256Digest>) -> Result<bool, StoreError> {
+    pub fn verify_complete(
+        &self,
+        task: &TaskId,
+        expected: Option<Sha256Digest>,
+    ) -> Result<bool, StoreError> {
         let (file, len) = {
             let entries = self.lock();
             let e = entries.get(task).ok_or(StoreError::UnknownTask(*task))?;
@@ -398,7 +480,10 @@ impl Store {
             if !e.stored.is_full() {
                 return Ok(false);
             }
-            (e.file.clone().ok_or(StoreError::NoLayout(*task))?, layout.content_length)
+            (
+                e.file.clone().ok_or(StoreError::NoLayout(*task))?,
+                layout.content_length,
+            )
         };
         if let Some(expected) = expected {
             let mut h = Sha256::new();
@@ -406,7 +491,11 @@ impl Store {
             let mut off = 0u64;
             while off < len {
                 let n = (len - off).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], off).map_err(|source| StoreError::Io { path: self.data_path(task), source })?;
+                file.read_exact_at(&mut buf[..n], off)
+                    .map_err(|source| StoreError::Io {
+                        path: self.data_path(task),
+                        source,
+                    })?;
                 h.update(&buf[..n]);
                 off += n as u64;
             }
@@ -453,7 +542,9 @@ mod tests {
         for p in l.pieces() {
             let (o, n) = l.piece_range(p).unwrap();
             let bytes = &data[o as usize..o as usize + n as usize];
-            store.write_piece(task, p, bytes, Sha256Digest::of(bytes)).unwrap();
+            store
+                .write_piece(task, p, bytes, Sha256Digest::of(bytes))
+                .unwrap();
         }
     }
 
@@ -465,21 +556,38 @@ mod tests {
         {
             let s = Store::open(dir.path(), u64::MAX).unwrap();
             let _l = s.open_task(task, "http://o/a", None).unwrap();
-            s.set_layout(&task, layout(data.len() as u64), true).unwrap();
+            s.set_layout(&task, layout(data.len() as u64), true)
+                .unwrap();
             fill(&s, &task, &data[..]);
-            assert!(s.verify_complete(&task, Some(Sha256Digest::of(&data))).unwrap());
+            assert!(
+                s.verify_complete(&task, Some(Sha256Digest::of(&data)))
+                    .unwrap()
+            );
         }
         let s = Store::open(dir.path(), u64::MAX).unwrap();
         assert!(s.stored(&task).unwrap().is_full());
         assert!(s.meta(&task).unwrap().complete);
         let (p1, _) = s.read_piece(&task, PieceIndex(1)).unwrap();
-        assert_eq!(&p1[..], &data[MIN_PIECE_SIZE as usize..2 * MIN_PIECE_SIZE as usize]);
+        assert_eq!(
+            &p1[..],
+            &data[MIN_PIECE_SIZE as usize..2 * MIN_PIECE_SIZE as usize]
+        );
         // Flip one byte of piece 1 on disk.
         let path = dir.path().join("data").join(format!("{task}.data"));
         let f = File::options().write(true).open(path).unwrap();
-        f.write_all_at(&[data[MIN_PIECE_SIZE as usize] ^ 1], u64::from(MIN_PIECE_SIZE)).unwrap();
-        assert!(matches!(s.read_piece(&task, PieceIndex(1)), Err(StoreError::Corrupt { .. })));
-        assert!(!s.stored(&task).unwrap().contains(PieceIndex(1)), "corrupt piece forgotten");
+        f.write_all_at(
+            &[data[MIN_PIECE_SIZE as usize] ^ 1],
+            u64::from(MIN_PIECE_SIZE),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.read_piece(&task, PieceIndex(1)),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(
+            !s.stored(&task).unwrap().contains(PieceIndex(1)),
+            "corrupt piece forgotten"
+        );
         assert!(!s.meta(&task).unwrap().complete);
     }
 
@@ -492,7 +600,10 @@ mod tests {
         let _l = s.open_task(task, "u", None).unwrap();
         s.set_layout(&task, layout(1000), true).unwrap();
         fill(&s, &task, &data);
-        assert!(!s.verify_complete(&task, Some(Sha256Digest::of(b"other"))).unwrap());
+        assert!(
+            !s.verify_complete(&task, Some(Sha256Digest::of(b"other")))
+                .unwrap()
+        );
         assert_eq!(s.stored(&task).unwrap().count(), 0);
     }
 
@@ -500,7 +611,9 @@ mod tests {
     fn quota_evicts_least_recently_used_unused_task() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 2500).unwrap();
-        let ids: Vec<TaskId> = (0..3).map(|i| TaskId::for_url(&format!("http://o/{i}"), &[], None)).collect();
+        let ids: Vec<TaskId> = (0..3)
+            .map(|i| TaskId::for_url(&format!("http://o/{i}"), &[], None))
+            .collect();
         {
             let _a = s.open_task(ids[0], "a", None).unwrap();
             s.set_layout(&ids[0], layout(1000), true).unwrap();
@@ -515,7 +628,10 @@ mod tests {
         // Nothing left to evict: a clear quota error.
         let d = TaskId::for_url("http://o/d", &[], None);
         let _d = s.open_task(d, "d", None).unwrap();
-        assert!(matches!(s.set_layout(&d, layout(1000), true), Err(StoreError::Quota { .. })));
+        assert!(matches!(
+            s.set_layout(&d, layout(1000), true),
+            Err(StoreError::Quota { .. })
+        ));
     }
 
     #[test]

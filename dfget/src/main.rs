@@ -65,7 +65,10 @@ struct Failure {
 
 impl Failure {
     fn new(code: u8, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 
     fn from_api(e: &ApiError) -> Self {
@@ -84,16 +87,28 @@ impl Failure {
 fn parse_header(h: &str) -> Result<(String, String), Failure> {
     match h.split_once(':') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
-        _ => Err(Failure::new(2, format!("header {h:?} is not \"Name: value\""))),
+        _ => Err(Failure::new(
+            2,
+            format!("header {h:?} is not \"Name: value\""),
+        )),
     }
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn connect(sock: &Path) -> Result<Sender, Failure> {
-    let unreachable = |e: &dyn std::fmt::Display| Failure::new(3, format!("daemon not reachable at {}: {e}", sock.display()));
-    let stream = tokio::net::UnixStream::connect(sock).await.map_err(|e| unreachable(&e))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(&e))?;
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Failure::new(
+            3,
+            format!("daemon not reachable at {}: {e}", sock.display()),
+        )
+    };
+    let stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| unreachable(&e))?;
     // The connection task ends when the sender and response are dropped.
     tokio::spawn(conn);
     Ok(sender)
@@ -113,7 +128,10 @@ fn request(method: &str, path: &str, body: Bytes) -> Result<Request<Full<Bytes>>
 async fn explain(sock: &Path, id: &str, fallback: String) -> Failure {
     let status = async {
         let mut s = connect(sock).await.ok()?;
-        let resp = s.send_request(request("GET", &format!("/v1/tasks/{id}"), Bytes::new()).ok()?).await.ok()?;
+        let resp = s
+            .send_request(request("GET", &format!("/v1/tasks/{id}"), Bytes::new()).ok()?)
+            .await
+            .ok()?;
         let body = resp.into_body().collect().await.ok()?.to_bytes();
         serde_json::from_slice::<TaskStatus>(&body).ok()
     };
@@ -132,21 +150,43 @@ struct Output {
 impl Output {
     fn open(target: Option<&Path>) -> Result<Self, Failure> {
         match target {
-            None => Ok(Self { temp: None, target: None, writer: Box::new(std::io::stdout().lock()) }),
-            Some(p) if p == Path::new("-") => Ok(Self { temp: None, target: None, writer: Box::new(std::io::stdout().lock()) }),
+            None => Ok(Self {
+                temp: None,
+                target: None,
+                writer: Box::new(std::io::stdout().lock()),
+            }),
+            Some(p) if p == Path::new("-") => Ok(Self {
+                temp: None,
+                target: None,
+                writer: Box::new(std::io::stdout().lock()),
+            }),
             Some(p) => {
-                let name = p.file_name().ok_or_else(|| Failure::new(2, format!("{} is not a file path", p.display())))?;
-                let temp = p.with_file_name(format!(".{}.dfget-{}", name.to_string_lossy(), std::process::id()));
-                let f = std::fs::File::create(&temp).map_err(|e| Failure::new(7, format!("creating {}: {e}", temp.display())))?;
-                Ok(Self { temp: Some(temp), target: Some(p.to_path_buf()), writer: Box::new(std::io::BufWriter::with_capacity(1 << 20, f)) })
+                let name = p.file_name().ok_or_else(|| {
+                    Failure::new(2, format!("{} is not a file path", p.display()))
+                })?;
+                let temp = p.with_file_name(format!(
+                    ".{}.dfget-{}",
+                    name.to_string_lossy(),
+                    std::process::id()
+                ));
+                let f = std::fs::File::create(&temp)
+                    .map_err(|e| Failure::new(7, format!("creating {}: {e}", temp.display())))?;
+                Ok(Self {
+                    temp: Some(temp),
+                    target: Some(p.to_path_buf()),
+                    writer: Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
+                })
             }
         }
     }
 
     fn finish(mut self) -> Result<(), Failure> {
-        self.writer.flush().map_err(|e| Failure::new(7, format!("writing output: {e}")))?;
+        self.writer
+            .flush()
+            .map_err(|e| Failure::new(7, format!("writing output: {e}")))?;
         if let (Some(temp), Some(target)) = (self.temp.take(), self.target.take()) {
-            std::fs::rename(&temp, &target).map_err(|e| Failure::new(7, format!("renaming to {}: {e}", target.display())))?;
+            std::fs::rename(&temp, &target)
+                .map_err(|e| Failure::new(7, format!("renaming to {}: {e}", target.display())))?;
         }
         Ok(())
     }
@@ -163,34 +203,65 @@ impl Drop for Output {
 async fn run(args: Args) -> Result<(), Failure> {
     let file: FileConfig = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Failure::new(2, format!("reading {}: {e}", p.display())))?;
-            toml::from_str(&text).map_err(|e| Failure::new(2, format!("parsing {}: {e}", p.display())))?
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Failure::new(2, format!("reading {}: {e}", p.display())))?;
+            toml::from_str(&text)
+                .map_err(|e| Failure::new(2, format!("parsing {}: {e}", p.display())))?
         }
         None => FileConfig::default(),
     };
-    let sock = args.daemon_sock.or(file.daemon_sock).unwrap_or_else(|| DEFAULT_DAEMON_SOCK.into());
+    let sock = args
+        .daemon_sock
+        .or(file.daemon_sock)
+        .unwrap_or_else(|| DEFAULT_DAEMON_SOCK.into());
     let digest = match &args.digest {
-        Some(d) => Some(d.parse::<Sha256Digest>().map_err(|e| Failure::new(2, e.to_string()))?),
+        Some(d) => Some(
+            d.parse::<Sha256Digest>()
+                .map_err(|e| Failure::new(2, e.to_string()))?,
+        ),
         None => None,
     };
-    let headers = args.headers.iter().map(|h| parse_header(h)).collect::<Result<Vec<_>, _>>()?;
-    let req = DownloadRequest { url: args.url.clone(), headers, digest };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| parse_header(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let req = DownloadRequest {
+        url: args.url.clone(),
+        headers,
+        digest,
+    };
     let body = serde_json::to_vec(&req).map_err(|e| Failure::new(1, e.to_string()))?;
 
     let mut sender = connect(&sock).await?;
     let resp = sender
         .send_request(request("POST", "/v1/download", body.into())?)
         .await
-        .map_err(|e| Failure::new(3, format!("daemon at {} failed the request: {e}", sock.display())))?;
+        .map_err(|e| {
+            Failure::new(
+                3,
+                format!("daemon at {} failed the request: {e}", sock.display()),
+            )
+        })?;
     if !resp.status().is_success() {
         let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         return Err(match serde_json::from_slice::<ApiError>(&body) {
             Ok(e) => Failure::from_api(&e),
             Err(_) => Failure::new(1, format!("daemon answered {status}")),
         });
     }
-    let task_id = resp.headers().get(TASK_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let task_id = resp
+        .headers()
+        .get(TASK_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let total: Option<u64> = resp
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
@@ -201,8 +272,10 @@ async fn run(args: Args) -> Result<(), Failure> {
     let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar
     });
@@ -212,12 +285,16 @@ async fn run(args: Args) -> Result<(), Failure> {
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(f) => f,
-            Err(e) => return Err(explain(&sock, &task_id, format!("download interrupted: {e}")).await),
+            Err(e) => {
+                return Err(explain(&sock, &task_id, format!("download interrupted: {e}")).await);
+            }
         };
         if let Ok(data) = frame.into_data() {
             hasher.update(&data);
             received += data.len() as u64;
-            out.writer.write_all(&data).map_err(|e| Failure::new(7, format!("writing output: {e}")))?;
+            out.writer
+                .write_all(&data)
+                .map_err(|e| Failure::new(7, format!("writing output: {e}")))?;
             if let Some(b) = &bar {
                 b.set_position(received);
             }
@@ -226,16 +303,24 @@ async fn run(args: Args) -> Result<(), Failure> {
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    if let Some(t) = total {
-        if received != t {
-            return Err(explain(&sock, &task_id, format!("download ended after {received} of {t} bytes")).await);
-        }
+    if let Some(t) = total
+        && received != t
+    {
+        return Err(explain(
+            &sock,
+            &task_id,
+            format!("download ended after {received} of {t} bytes"),
+        )
+        .await);
     }
     let actual = Sha256Digest::from(hasher.finalize());
-    if let Some(want) = digest {
-        if actual != want {
-            return Err(Failure::new(5, format!("digest mismatch: expected {want}, got {actual}")));
-        }
+    if let Some(want) = digest
+        && actual != want
+    {
+        return Err(Failure::new(
+            5,
+            format!("digest mismatch: expected {want}, got {actual}"),
+        ));
     }
     out.finish()
 }

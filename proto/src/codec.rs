@@ -46,7 +46,8 @@ pub trait Frame: Serialize + DeserializeOwned {
     fn validate(&self) -> Result<(), ValidationError>;
 
     fn encode(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
-        let body = postcard::to_allocvec(self).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+        let body =
+            postcard::to_allocvec(self).map_err(|e| EncodeError::Serialize(e.to_string()))?;
         if body.len() > Self::MAX_LEN {
             return Err(EncodeError::TooLarge {
                 len: body.len(),
@@ -80,8 +81,8 @@ pub trait Frame: Serialize + DeserializeOwned {
 
     /// Decodes a body whose length came from [`Frame::body_len`].
     fn decode_body(body: &[u8]) -> Result<Self, DecodeError> {
-        let (msg, rest) =
-            postcard::take_from_bytes::<Self>(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let (msg, rest) = postcard::take_from_bytes::<Self>(body)
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
             return Err(DecodeError::TrailingBytes(rest.len()));
         }
@@ -157,33 +158,80 @@ mod tests {
 
     fn arb_request() -> impl Strategy<Value = ControlRequest> {
         prop_oneof![
-            (arb_host(), any::<u64>(), arb_addr(), proptest::collection::vec(("[a-z]{1,8}", "[a-z0-9]{0,8}"), 0..4), any::<u32>())
-                .prop_map(|(host, s, peer_addr, labels, upload_slots)| ControlRequest::RegisterHost(HostInfo {
+            (
+                arb_host(),
+                any::<u64>(),
+                arb_addr(),
+                proptest::collection::vec(("[a-z]{1,8}", "[a-z0-9]{0,8}"), 0..4),
+                any::<u32>()
+            )
+                .prop_map(|(host, s, peer_addr, labels, upload_slots)| {
+                    ControlRequest::RegisterHost(HostInfo {
+                        host,
+                        session: SessionId(s),
+                        peer_addr,
+                        labels,
+                        upload_slots,
+                    })
+                }),
+            (arb_host(), any::<u64>(), any::<u32>()).prop_map(|(host, s, u)| {
+                ControlRequest::Heartbeat {
                     host,
                     session: SessionId(s),
-                    peer_addr,
-                    labels,
-                    upload_slots
-                })),
-            (arb_host(), any::<u64>(), any::<u32>()).prop_map(|(host, s, u)| ControlRequest::Heartbeat {
-                host,
-                session: SessionId(s),
-                uploads_in_flight: u
+                    uploads_in_flight: u,
+                }
             }),
-            (arb_host(), arb_task(), "http://[a-z]{1,10}/[a-z?=&]{0,30}", proptest::option::of(arb_digest()))
-                .prop_map(|(host, task, url, content_digest)| ControlRequest::RegisterPeer { host, task, url, content_digest }),
-            (arb_host(), arb_task(), any::<u64>(), any::<bool>()).prop_map(|(host, task, content_length, supports_range)| {
-                ControlRequest::ReportLayout { host, task, content_length, supports_range }
+            (
+                arb_host(),
+                arb_task(),
+                "http://[a-z]{1,10}/[a-z?=&]{0,30}",
+                proptest::option::of(arb_digest())
+            )
+                .prop_map(|(host, task, url, content_digest)| {
+                    ControlRequest::RegisterPeer {
+                        host,
+                        task,
+                        url,
+                        content_digest,
+                    }
+                }),
+            (arb_host(), arb_task(), any::<u64>(), any::<bool>()).prop_map(
+                |(host, task, content_length, supports_range)| {
+                    ControlRequest::ReportLayout {
+                        host,
+                        task,
+                        content_length,
+                        supports_range,
+                    }
+                }
+            ),
+            (arb_host(), arb_task(), arb_records(), 0..3u8).prop_map(|(host, task, pieces, s)| {
+                ControlRequest::AnnouncePieces {
+                    host,
+                    task,
+                    pieces,
+                    source: [
+                        AnnounceSource::Origin,
+                        AnnounceSource::Peer,
+                        AnnounceSource::Restored,
+                    ][s as usize],
+                }
             }),
-            (arb_host(), arb_task(), arb_records(), 0..3u8).prop_map(|(host, task, pieces, s)| ControlRequest::AnnouncePieces {
-                host,
-                task,
-                pieces,
-                source: [AnnounceSource::Origin, AnnounceSource::Peer, AnnounceSource::Restored][s as usize],
-            }),
-            (arb_host(), arb_task(), arb_set(), 0..=MAX_ASSIGNMENTS)
-                .prop_map(|(host, task, have, max_assignments)| ControlRequest::Schedule { host, task, busy: PieceSet::new(have.len()), have, max_assignments }),
-            (arb_host(), arb_task(), any::<u32>(), proptest::option::of(arb_host()))
+            (arb_host(), arb_task(), arb_set(), 0..=MAX_ASSIGNMENTS).prop_map(
+                |(host, task, have, max_assignments)| ControlRequest::Schedule {
+                    host,
+                    task,
+                    busy: PieceSet::new(have.len()),
+                    have,
+                    max_assignments
+                }
+            ),
+            (
+                arb_host(),
+                arb_task(),
+                any::<u32>(),
+                proptest::option::of(arb_host())
+            )
                 .prop_map(|(host, task, p, parent)| ControlRequest::PieceFailed {
                     host,
                     task,
@@ -191,18 +239,27 @@ mod tests {
                     parent,
                     reason: PieceFailure::Corrupt
                 }),
-            (arb_host(), proptest::option::of(arb_task())).prop_map(|(host, task)| ControlRequest::Leave { host, task }),
+            (arb_host(), proptest::option::of(arb_task()))
+                .prop_map(|(host, task)| ControlRequest::Leave { host, task }),
         ]
     }
 
     fn arb_response() -> impl Strategy<Value = ControlResponse> {
-        let assignment = (any::<u32>(), arb_digest(), proptest::collection::vec((arb_host(), arb_addr()), 1..4), 0..3u8)
+        let assignment = (
+            any::<u32>(),
+            arb_digest(),
+            proptest::collection::vec((arb_host(), arb_addr()), 1..4),
+            0..3u8,
+        )
             .prop_map(|(p, digest, parents, kind)| Assignment {
                 piece: PieceIndex(p),
                 source: match kind {
                     0 => PieceSource::Parents {
                         digest,
-                        parents: parents.into_iter().map(|(host, addr)| ParentRef { host, addr }).collect(),
+                        parents: parents
+                            .into_iter()
+                            .map(|(host, addr)| ParentRef { host, addr })
+                            .collect(),
                     },
                     1 => PieceSource::Origin,
                     _ => PieceSource::OriginWhole,
@@ -210,20 +267,46 @@ mod tests {
             });
         prop_oneof![
             Just(ControlResponse::Ack),
-            (arb_layout(), any::<bool>(), proptest::option::of(arb_digest()), arb_records(), any::<bool>()).prop_map(
-                |(layout, supports_range, content_digest, digests, probe)| ControlResponse::Task(TaskView {
-                    layout,
-                    supports_range,
-                    content_digest,
-                    digests,
-                    probe
-                })
-            ),
-            (arb_layout(), any::<bool>(), any::<bool>(), proptest::collection::vec(assignment, 0..10), any::<u32>())
-                .prop_map(|(layout, supports_range, probe, assignments, retry_after_ms)| {
-                    ControlResponse::Schedule(ScheduleReply { layout, supports_range, probe, assignments, retry_after_ms })
-                }),
-            ".{0,40}".prop_map(|message| ControlResponse::Error { code: ControlErrorCode::UnknownTask, message }),
+            (
+                arb_layout(),
+                any::<bool>(),
+                proptest::option::of(arb_digest()),
+                arb_records(),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(layout, supports_range, content_digest, digests, probe)| {
+                        ControlResponse::Task(TaskView {
+                            layout,
+                            supports_range,
+                            content_digest,
+                            digests,
+                            probe,
+                        })
+                    }
+                ),
+            (
+                arb_layout(),
+                any::<bool>(),
+                any::<bool>(),
+                proptest::collection::vec(assignment, 0..10),
+                any::<u32>()
+            )
+                .prop_map(
+                    |(layout, supports_range, probe, assignments, retry_after_ms)| {
+                        ControlResponse::Schedule(ScheduleReply {
+                            layout,
+                            supports_range,
+                            probe,
+                            assignments,
+                            retry_after_ms,
+                        })
+                    }
+                ),
+            ".{0,40}".prop_map(|message| ControlResponse::Error {
+                code: ControlErrorCode::UnknownTask,
+                message
+            }),
         ]
     }
 
@@ -266,35 +349,53 @@ mod tests {
     #[test]
     fn oversized_frame_refused_before_body_arrives() {
         let mut b = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(PieceRequest::decode(&mut b), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            PieceRequest::decode(&mut b),
+            Err(DecodeError::TooLarge { .. })
+        ));
         assert_eq!(b.len(), 4, "nothing consumed");
     }
 
     #[test]
     fn truncated_and_trailing_frames() {
-        let req = PieceRequest { task: TaskId::from_bytes([7; 32]), piece: PieceIndex(3) };
+        let req = PieceRequest {
+            task: TaskId::from_bytes([7; 32]),
+            piece: PieceIndex(3),
+        };
         let full = req.to_bytes().unwrap();
         // Declared length shorter than the message: malformed, not a panic.
         let mut short = BytesMut::new();
         short.put_u32(5);
         short.put_slice(&full[HEADER_LEN..HEADER_LEN + 5]);
-        assert!(matches!(PieceRequest::decode(&mut short.freeze()), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            PieceRequest::decode(&mut short.freeze()),
+            Err(DecodeError::Malformed(_))
+        ));
         // Declared length longer than the message: trailing bytes.
         let mut long = BytesMut::new();
         long.put_u32((full.len() - HEADER_LEN + 2) as u32);
         long.put_slice(&full[HEADER_LEN..]);
         long.put_slice(&[0, 0]);
-        assert!(matches!(PieceRequest::decode(&mut long.freeze()), Err(DecodeError::TrailingBytes(2))));
+        assert!(matches!(
+            PieceRequest::decode(&mut long.freeze()),
+            Err(DecodeError::TrailingBytes(2))
+        ));
     }
 
     #[test]
     fn invalid_messages_are_rejected_after_decode() {
-        let resp = PieceResponse::Data { len: MAX_PIECE_SIZE + 1, digest: Sha256Digest::of(b"") };
+        let resp = PieceResponse::Data {
+            len: MAX_PIECE_SIZE + 1,
+            digest: Sha256Digest::of(b""),
+        };
         // Encode bypasses validation on purpose here: a lying peer could send this.
         let body = postcard::to_allocvec(&resp).unwrap();
         let mut b = BytesMut::new();
         b.put_u32(body.len() as u32);
         b.put_slice(&body);
-        assert!(matches!(PieceResponse::decode(&mut b.freeze()), Err(DecodeError::Invalid(_))));
+        assert!(matches!(
+            PieceResponse::decode(&mut b.freeze()),
+            Err(DecodeError::Invalid(_))
+        ));
     }
 }

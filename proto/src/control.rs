@@ -190,7 +190,11 @@ pub enum ControlResponse {
 }
 
 fn check(cond: bool, what: &'static str) -> Result<(), ValidationError> {
-    if cond { Ok(()) } else { Err(ValidationError(what)) }
+    if cond {
+        Ok(())
+    } else {
+        Err(ValidationError(what))
+    }
 }
 
 impl Frame for ControlRequest {
@@ -211,7 +215,8 @@ impl Frame for ControlRequest {
                 check(!url.is_empty() && url.len() <= MAX_URL_LEN, "url length")
             }
             ControlRequest::AnnouncePieces { pieces, .. } => check(
-                pieces.len() <= MAX_PIECES as usize && pieces.iter().all(|p| p.piece.0 < MAX_PIECES),
+                pieces.len() <= MAX_PIECES as usize
+                    && pieces.iter().all(|p| p.piece.0 < MAX_PIECES),
                 "piece list",
             ),
             ControlRequest::Schedule {
@@ -243,7 +248,10 @@ impl Frame for ControlResponse {
             ControlResponse::Task(v) => check(layout_ok(&v.layout), "layout"),
             ControlResponse::Schedule(s) => {
                 check(layout_ok(&s.layout), "layout")?;
-                check(s.assignments.len() <= MAX_ASSIGNMENTS as usize, "assignment count")?;
+                check(
+                    s.assignments.len() <= MAX_ASSIGNMENTS as usize,
+                    "assignment count",
+                )?;
                 check(
                     s.assignments.iter().all(|a| match &a.source {
                         PieceSource::Parents { parents, .. } => {

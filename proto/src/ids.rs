@@ -202,10 +202,13 @@ impl HostId {
         let s = s.into();
         let ok = !s.is_empty()
             && s.len() <= MAX_HOST_ID_LEN
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-        if ok { Ok(Self(s)) } else { Err(IdError::HostId(s)) }
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(IdError::HostId(s))
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -260,8 +263,16 @@ mod tests {
 
     #[test]
     fn filtered_query_params_do_not_change_task_id() {
-        let a = TaskId::for_url("http://o/f?X-Amz-Signature=1&v=2", &["X-Amz-Signature"], None);
-        let b = TaskId::for_url("http://o/f?v=2&X-Amz-Signature=9", &["X-Amz-Signature"], None);
+        let a = TaskId::for_url(
+            "http://o/f?X-Amz-Signature=1&v=2",
+            &["X-Amz-Signature"],
+            None,
+        );
+        let b = TaskId::for_url(
+            "http://o/f?v=2&X-Amz-Signature=9",
+            &["X-Amz-Signature"],
+            None,
+        );
         let c = TaskId::for_url("http://o/f?v=3", &["X-Amz-Signature"], None);
         assert_eq!(a, b);
         assert_ne!(a, c);

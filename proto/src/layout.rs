@@ -73,7 +73,8 @@ impl PieceLayout {
 
     pub fn piece_count(&self) -> u32 {
         // validate() bounds this by MAX_PIECES, so it fits.
-        u32::try_from(self.content_length.div_ceil(u64::from(self.piece_size))).unwrap_or(MAX_PIECES)
+        u32::try_from(self.content_length.div_ceil(u64::from(self.piece_size)))
+            .unwrap_or(MAX_PIECES)
     }
 
     /// Byte offset and length of a piece, or `None` past the end.
@@ -118,7 +119,10 @@ mod serde_bytes_vec {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(b) = a.next_element()? {
                     out.push(b);
@@ -165,7 +169,7 @@ impl PieceSet {
     pub fn is_well_formed(&self) -> bool {
         self.len <= MAX_PIECES
             && self.bits.len() == self.len.div_ceil(8) as usize
-            && (self.len % 8 == 0
+            && (self.len.is_multiple_of(8)
                 || self.bits.last().is_none_or(|b| b >> (self.len % 8) == 0))
     }
 
@@ -214,7 +218,8 @@ mod tests {
 
     #[test]
     fn piece_size_grows_with_length() {
-        let l = |len| PieceLayout::choose(len, DEFAULT_MIN_PIECE_SIZE, DEFAULT_MAX_PIECE_SIZE).unwrap();
+        let l =
+            |len| PieceLayout::choose(len, DEFAULT_MIN_PIECE_SIZE, DEFAULT_MAX_PIECE_SIZE).unwrap();
         assert_eq!(l(0).piece_count(), 0);
         assert_eq!(l(1).piece_size, 4 << 20);
         assert_eq!(l(256 * MIB).piece_count(), 64);
@@ -236,7 +241,9 @@ mod tests {
         ] {
             let l = PieceLayout::new(len, MIN_PIECE_SIZE).unwrap();
             assert_eq!(l.piece_count(), count, "len {len}");
-            let last_len = count.checked_sub(1).map(|i| l.piece_range(PieceIndex(i)).unwrap().1 as u64);
+            let last_len = count
+                .checked_sub(1)
+                .map(|i| l.piece_range(PieceIndex(i)).unwrap().1 as u64);
             assert_eq!(last_len, last, "len {len}");
             assert_eq!(l.piece_range(PieceIndex(count)), None);
             let total: u64 = l.pieces().map(|p| l.piece_range(p).unwrap().1 as u64).sum();
@@ -261,7 +268,10 @@ mod tests {
         assert_eq!(s.missing().count(), 9);
         assert!(s.is_well_formed());
         assert!(PieceSet::full(10).is_full());
-        let bad = PieceSet { len: 3, bits: vec![0xff] };
+        let bad = PieceSet {
+            len: 3,
+            bits: vec![0xff],
+        };
         assert!(!bad.is_well_formed());
     }
 }

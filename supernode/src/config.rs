@@ -52,17 +52,38 @@ impl SchedulerFile {
             None => def,
         };
         let cfg = SchedulerConfig {
-            host_timeout: secs(self.host_timeout_secs, d.host_timeout, "host_timeout_secs", errors),
-            origin_lease: secs(self.origin_lease_secs, d.origin_lease, "origin_lease_secs", errors),
-            probe_lease: secs(self.probe_lease_secs, d.probe_lease, "probe_lease_secs", errors),
-            origin_leases_per_host: self.origin_leases_per_host.unwrap_or(d.origin_leases_per_host).max(1),
+            host_timeout: secs(
+                self.host_timeout_secs,
+                d.host_timeout,
+                "host_timeout_secs",
+                errors,
+            ),
+            origin_lease: secs(
+                self.origin_lease_secs,
+                d.origin_lease,
+                "origin_lease_secs",
+                errors,
+            ),
+            probe_lease: secs(
+                self.probe_lease_secs,
+                d.probe_lease,
+                "probe_lease_secs",
+                errors,
+            ),
+            origin_leases_per_host: self
+                .origin_leases_per_host
+                .unwrap_or(d.origin_leases_per_host)
+                .max(1),
             in_order_lookahead: self.in_order_lookahead.unwrap_or(d.in_order_lookahead),
             parents_per_piece: self.parents_per_piece.unwrap_or(d.parents_per_piece).max(1),
             min_piece_size: self.min_piece_size.unwrap_or(d.min_piece_size),
             max_piece_size: self.max_piece_size.unwrap_or(d.max_piece_size),
         };
         let range = proto::layout::MIN_PIECE_SIZE..=proto::layout::MAX_PIECE_SIZE;
-        if !range.contains(&cfg.min_piece_size) || !range.contains(&cfg.max_piece_size) || cfg.min_piece_size > cfg.max_piece_size {
+        if !range.contains(&cfg.min_piece_size)
+            || !range.contains(&cfg.max_piece_size)
+            || cfg.min_piece_size > cfg.max_piece_size
+        {
             errors.push(format!(
                 "scheduler piece sizes must satisfy {} <= min_piece_size <= max_piece_size <= {}",
                 range.start(),

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use supernode::config::{DEFAULT_API_LISTEN, DEFAULT_DATA_DIR, DEFAULT_LISTEN, FileConfig, SupernodeConfig};
+use supernode::config::{
+    DEFAULT_API_LISTEN, DEFAULT_DATA_DIR, DEFAULT_LISTEN, FileConfig, SupernodeConfig,
+};
 
 /// The dfp2p scheduler: tracks tasks, piece digests and peers; picks parents; makes each
 /// piece leave the origin about once.
@@ -38,7 +40,8 @@ struct Args {
 fn resolve(args: Args) -> anyhow::Result<SupernodeConfig> {
     let file: FileConfig = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
         }
         None => FileConfig::default(),
@@ -48,15 +51,27 @@ fn resolve(args: Args) -> anyhow::Result<SupernodeConfig> {
     if !errors.is_empty() {
         bail!("invalid configuration:\n  {}", errors.join("\n  "));
     }
-    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
     Ok(SupernodeConfig {
-        listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("const addr")),
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("const addr")),
         api_listen: args
             .api_listen
             .or(file.api_listen)
             .unwrap_or_else(|| DEFAULT_API_LISTEN.parse().expect("const addr")),
-        ca_cert: args.ca_cert.or(file.ca_cert).unwrap_or_else(|| data_dir.join("ca.pem")),
-        ca_key: args.ca_key.or(file.ca_key).unwrap_or_else(|| data_dir.join("ca-key.pem")),
+        ca_cert: args
+            .ca_cert
+            .or(file.ca_cert)
+            .unwrap_or_else(|| data_dir.join("ca.pem")),
+        ca_key: args
+            .ca_key
+            .or(file.ca_key)
+            .unwrap_or_else(|| data_dir.join("ca-key.pem")),
         data_dir,
         scheduler,
     })

@@ -29,21 +29,45 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("supernode");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("control_requests", "Control requests by kind and result", requests.clone());
+        registry.register(
+            "control_requests",
+            "Control requests by kind and result",
+            requests.clone(),
+        );
         let hosts = Gauge::default();
         registry.register("hosts", "Registered hosts", hosts.clone());
         let tasks = Gauge::default();
         registry.register("tasks", "Known tasks", tasks.clone());
         let connections = Gauge::default();
-        registry.register("control_connections", "Open daemon control connections", connections.clone());
+        registry.register(
+            "control_connections",
+            "Open daemon control connections",
+            connections.clone(),
+        );
         let decision_seconds = Histogram::new(exponential_buckets(1e-6, 4.0, 10));
-        registry.register("schedule_decision_seconds", "Time to answer one schedule request", decision_seconds.clone());
+        registry.register(
+            "schedule_decision_seconds",
+            "Time to answer one schedule request",
+            decision_seconds.clone(),
+        );
         let origin_assignments = Counter::default();
-        registry.register("origin_assignments", "Pieces leased for an origin fetch", origin_assignments.clone());
+        registry.register(
+            "origin_assignments",
+            "Pieces leased for an origin fetch",
+            origin_assignments.clone(),
+        );
         let parent_assignments = Counter::default();
-        registry.register("parent_assignments", "Pieces assigned to parents", parent_assignments.clone());
+        registry.register(
+            "parent_assignments",
+            "Pieces assigned to parents",
+            parent_assignments.clone(),
+        );
         let hosts_expired = Counter::default();
-        registry.register("hosts_expired", "Hosts dropped after going quiet", hosts_expired.clone());
+        registry.register(
+            "hosts_expired",
+            "Hosts dropped after going quiet",
+            hosts_expired.clone(),
+        );
         Self {
             registry,
             requests,

@@ -18,9 +18,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use proto::control::{
-    AnnounceSource, Assignment, ControlErrorCode, HostInfo, MAX_ASSIGNMENTS,
-    MAX_PARENTS_PER_PIECE, ParentRef, PieceFailure, PieceRecord, PieceSource, ScheduleReply,
-    TaskView,
+    AnnounceSource, Assignment, ControlErrorCode, HostInfo, MAX_ASSIGNMENTS, MAX_PARENTS_PER_PIECE,
+    ParentRef, PieceFailure, PieceRecord, PieceSource, ScheduleReply, TaskView,
 };
 use proto::layout::{DEFAULT_MAX_PIECE_SIZE, DEFAULT_MIN_PIECE_SIZE, LayoutError};
 use proto::{HostId, PieceIndex, PieceLayout, PieceSet, SessionId, Sha256Digest, TaskId};
@@ -145,7 +144,9 @@ struct Host {
 
 impl Host {
     fn decayed_assigned(&self, now: Instant) -> f64 {
-        let dt = now.saturating_duration_since(self.assigned_at).as_secs_f64();
+        let dt = now
+            .saturating_duration_since(self.assigned_at)
+            .as_secs_f64();
         self.assigned * 0.5f64.powf(dt / ASSIGNED_HALF_LIFE.as_secs_f64())
     }
 
@@ -274,7 +275,11 @@ impl Scheduler {
     }
 
     /// Loads durable task records (after a restart); peers re-register and re-announce.
-    pub fn restore(&mut self, records: impl IntoIterator<Item = (TaskId, TaskRecord)>, now: Instant) {
+    pub fn restore(
+        &mut self,
+        records: impl IntoIterator<Item = (TaskId, TaskRecord)>,
+        now: Instant,
+    ) {
         for (id, rec) in records {
             self.tasks.insert(id, Task::new(rec, now));
         }
@@ -380,11 +385,9 @@ impl Scheduler {
         }
         task.last_active = now;
         let pieces = task.piece_count();
-        task.peers
-            .entry(host.clone())
-            .or_insert_with(|| TaskPeer {
-                have: PieceSet::new(pieces),
-            });
+        task.peers.entry(host.clone()).or_insert_with(|| TaskPeer {
+            have: PieceSet::new(pieces),
+        });
         let probe = Self::take_probe(&self.cfg, task, host, now);
         Ok(TaskView {
             layout: task.record.layout,
@@ -446,7 +449,11 @@ impl Scheduler {
             }
             return Ok(l);
         }
-        let layout = PieceLayout::choose(content_length, self.cfg.min_piece_size, self.cfg.max_piece_size)?;
+        let layout = PieceLayout::choose(
+            content_length,
+            self.cfg.min_piece_size,
+            self.cfg.max_piece_size,
+        )?;
         task.record.layout = Some(layout);
         task.record.supports_range = supports_range;
         task.record.digests = vec![None; layout.piece_count() as usize];
@@ -478,12 +485,9 @@ impl Scheduler {
         let count = task.piece_count();
         let mut conflict = None;
         let mut changed = false;
-        let peer = task
-            .peers
-            .entry(host.clone())
-            .or_insert_with(|| TaskPeer {
-                have: PieceSet::new(count),
-            });
+        let peer = task.peers.entry(host.clone()).or_insert_with(|| TaskPeer {
+            have: PieceSet::new(count),
+        });
         for rec in pieces {
             let Some(slot) = task.record.digests.get_mut(rec.piece.0 as usize) else {
                 conflict.get_or_insert(rec.piece);
@@ -511,10 +515,10 @@ impl Scheduler {
                 task.origin_leases.remove(&rec.piece);
             }
         }
-        if source == AnnounceSource::Origin {
-            if let Some(l) = task.whole_lease.as_mut().filter(|l| &l.host == host) {
-                l.expires = now + lease_for;
-            }
+        if source == AnnounceSource::Origin
+            && let Some(l) = task.whole_lease.as_mut().filter(|l| &l.host == host)
+        {
+            l.expires = now + lease_for;
         }
         if changed {
             self.dirty.push(task_id);
@@ -543,7 +547,11 @@ impl Scheduler {
             .get_mut(&task_id)
             .ok_or(SchedError::UnknownTask(task_id))?;
         if reason == PieceFailure::Origin {
-            if task.origin_leases.get(&piece).is_some_and(|l| &l.host == host) {
+            if task
+                .origin_leases
+                .get(&piece)
+                .is_some_and(|l| &l.host == host)
+            {
                 task.origin_leases.remove(&piece);
             }
             if task.whole_lease.as_ref().is_some_and(|l| &l.host == host) {
@@ -552,10 +560,10 @@ impl Scheduler {
             return Ok(());
         }
         let Some(parent) = parent else { return Ok(()) };
-        if let Some(p) = task.peers.get_mut(parent) {
-            if matches!(reason, PieceFailure::Corrupt | PieceFailure::NotFound) {
-                p.have.remove(piece);
-            }
+        if let Some(p) = task.peers.get_mut(parent)
+            && matches!(reason, PieceFailure::Corrupt | PieceFailure::NotFound)
+        {
+            p.have.remove(piece);
         }
         if let Some(h) = self.hosts.get_mut(parent) {
             match reason {
@@ -628,9 +636,9 @@ impl Scheduler {
             .ok_or(SchedError::UnknownTask(task_id))?;
         task.last_active = now;
         let Some(layout) = task.record.layout else {
-            task.peers
-                .entry(host.clone())
-                .or_insert_with(|| TaskPeer { have: PieceSet::new(0) });
+            task.peers.entry(host.clone()).or_insert_with(|| TaskPeer {
+                have: PieceSet::new(0),
+            });
             let probe = Self::take_probe(cfg, task, host, now);
             return Ok(ScheduleReply {
                 layout: None,
@@ -660,7 +668,8 @@ impl Scheduler {
                 have.remove(p);
             }
         }
-        task.peers.insert(host.clone(), TaskPeer { have: have.clone() });
+        task.peers
+            .insert(host.clone(), TaskPeer { have: have.clone() });
 
         let order = Self::piece_order(cfg, task, &have, busy, &self.hosts, now);
         let max = max_assignments.min(MAX_ASSIGNMENTS) as usize;
@@ -678,7 +687,8 @@ impl Scheduler {
             }
             let digest = task.record.digests[piece.0 as usize];
             if let Some(digest) = digest {
-                let parents = Self::rank_parents(cfg, task, piece, host, requester, &self.hosts, now);
+                let parents =
+                    Self::rank_parents(cfg, task, piece, host, requester, &self.hosts, now);
                 if !parents.is_empty() {
                     first_choices.push(parents[0].host.clone());
                     assignments.push(Assignment {
@@ -734,7 +744,11 @@ impl Scheduler {
                 h.assigned_at = now;
             }
         }
-        let retry_after_ms = if assignments.is_empty() { RETRY_AFTER_MS } else { 0 };
+        let retry_after_ms = if assignments.is_empty() {
+            RETRY_AFTER_MS
+        } else {
+            0
+        };
         Ok(ScheduleReply {
             layout: Some(layout),
             supports_range: task.record.supports_range,
@@ -842,7 +856,7 @@ impl Scheduler {
                 },
             })
             .collect();
-        v.sort_by(|a, b| a.task.cmp(&b.task));
+        v.sort_by_key(|a| a.task);
         v
     }
 
@@ -856,7 +870,11 @@ impl Scheduler {
                 labels: h.info.labels.iter().cloned().collect(),
                 upload_slots: h.info.upload_slots,
                 uploads_in_flight: h.uploads_in_flight,
-                tasks: self.tasks.values().filter(|t| t.peers.contains_key(id)).count(),
+                tasks: self
+                    .tasks
+                    .values()
+                    .filter(|t| t.peers.contains_key(id))
+                    .count(),
                 seconds_since_seen: now.saturating_duration_since(h.last_seen).as_secs_f64(),
                 suspect: !h.usable_parent(now),
             })
@@ -890,7 +908,10 @@ mod tests {
             host: host(n),
             session: SessionId(1),
             peer_addr: ([127, 0, 0, 1], 10000 + n as u16).into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             upload_slots: 4,
         }
     }
@@ -910,27 +931,48 @@ mod tests {
         for i in 0..n {
             s.handle_register_host(info(i, &[]), now);
         }
-        let v = s.handle_register_peer(&host(0), task(), "http://origin/file", None, now).unwrap();
+        let v = s
+            .handle_register_peer(&host(0), task(), "http://origin/file", None, now)
+            .unwrap();
         assert!(v.probe);
         for i in 1..n {
-            let v = s.handle_register_peer(&host(i), task(), "http://origin/file", None, now).unwrap();
+            let v = s
+                .handle_register_peer(&host(i), task(), "http://origin/file", None, now)
+                .unwrap();
             assert!(!v.probe, "only one prober");
         }
-        s.handle_report_layout(&host(0), task(), u64::from(PS) * u64::from(pieces), range, now)
-            .unwrap();
+        s.handle_report_layout(
+            &host(0),
+            task(),
+            u64::from(PS) * u64::from(pieces),
+            range,
+            now,
+        )
+        .unwrap();
         (s, now)
     }
 
     fn schedule(s: &mut Scheduler, h: usize, have: &PieceSet, now: Instant) -> ScheduleReply {
-        s.handle_schedule(&host(h), task(), have.clone(), &PieceSet::new(have.len()), 16, now)
-            .unwrap()
+        s.handle_schedule(
+            &host(h),
+            task(),
+            have.clone(),
+            &PieceSet::new(have.len()),
+            16,
+            now,
+        )
+        .unwrap()
     }
 
     #[test]
     fn layout_fixed_once_and_conflicts_reported() {
         let (mut s, now) = setup(2, 10, true);
-        let err = s.handle_report_layout(&host(1), task(), 5, true, now).unwrap_err();
-        assert!(matches!(err, SchedError::LayoutConflict { known, .. } if known == u64::from(PS) * 10));
+        let err = s
+            .handle_report_layout(&host(1), task(), 5, true, now)
+            .unwrap_err();
+        assert!(
+            matches!(err, SchedError::LayoutConflict { known, .. } if known == u64::from(PS) * 10)
+        );
         assert_eq!(s.take_dirty().len(), 1);
     }
 
@@ -940,11 +982,33 @@ mod tests {
         let mut s = Scheduler::new(cfg());
         s.handle_register_host(info(0, &[]), now);
         s.handle_register_host(info(1, &[]), now);
-        assert!(s.handle_register_peer(&host(0), task(), "u", None, now).unwrap().probe);
-        let r = s.handle_schedule(&host(1), task(), PieceSet::new(0), &PieceSet::new(0), 4, now).unwrap();
+        assert!(
+            s.handle_register_peer(&host(0), task(), "u", None, now)
+                .unwrap()
+                .probe
+        );
+        let r = s
+            .handle_schedule(
+                &host(1),
+                task(),
+                PieceSet::new(0),
+                &PieceSet::new(0),
+                4,
+                now,
+            )
+            .unwrap();
         assert!(!r.probe);
         let later = now + DEFAULT_PROBE_LEASE + Duration::from_millis(1);
-        let r = s.handle_schedule(&host(1), task(), PieceSet::new(0), &PieceSet::new(0), 4, later).unwrap();
+        let r = s
+            .handle_schedule(
+                &host(1),
+                task(),
+                PieceSet::new(0),
+                &PieceSet::new(0),
+                4,
+                later,
+            )
+            .unwrap();
         assert!(r.probe, "lease expired, next asker probes");
     }
 
@@ -968,8 +1032,14 @@ mod tests {
         let (mut s, now) = setup(3, 4, true);
         let r = schedule(&mut s, 0, &PieceSet::new(4), now);
         assert_eq!(r.assignments.len(), 4);
-        let recs: Vec<_> = (0..4).map(|p| PieceRecord { piece: PieceIndex(p), digest: digest(p) }).collect();
-        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now).unwrap();
+        let recs: Vec<_> = (0..4)
+            .map(|p| PieceRecord {
+                piece: PieceIndex(p),
+                digest: digest(p),
+            })
+            .collect();
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now)
+            .unwrap();
         let r = schedule(&mut s, 1, &PieceSet::new(4), now);
         assert_eq!(r.assignments.len(), 4);
         for a in &r.assignments {
@@ -986,15 +1056,48 @@ mod tests {
     #[test]
     fn first_origin_digest_wins_and_conflicts_are_refused() {
         let (mut s, now) = setup(2, 2, true);
-        let rec = |d| [PieceRecord { piece: PieceIndex(0), digest: d }];
-        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &rec(digest(0)), now).unwrap();
+        let rec = |d| {
+            [PieceRecord {
+                piece: PieceIndex(0),
+                digest: d,
+            }]
+        };
+        s.handle_announce(
+            &host(0),
+            task(),
+            AnnounceSource::Origin,
+            &rec(digest(0)),
+            now,
+        )
+        .unwrap();
         let err = s
-            .handle_announce(&host(1), task(), AnnounceSource::Origin, &rec(digest(9)), now)
+            .handle_announce(
+                &host(1),
+                task(),
+                AnnounceSource::Origin,
+                &rec(digest(9)),
+                now,
+            )
             .unwrap_err();
-        assert_eq!(err, SchedError::DigestConflict { task: task(), piece: PieceIndex(0) });
+        assert_eq!(
+            err,
+            SchedError::DigestConflict {
+                task: task(),
+                piece: PieceIndex(0)
+            }
+        );
         // A peer-sourced piece with no record is ignored, not recorded.
-        s.handle_announce(&host(1), task(), AnnounceSource::Peer, &[PieceRecord { piece: PieceIndex(1), digest: digest(1) }], now)
-            .unwrap();
+        s.handle_announce(
+            &host(1),
+            task(),
+            AnnounceSource::Peer,
+            &[PieceRecord {
+                piece: PieceIndex(1),
+                digest: digest(1),
+            }],
+            now,
+        )
+        .unwrap();
         assert_eq!(s.task_summaries()[0].pieces_recorded, 1);
     }
 
@@ -1014,15 +1117,29 @@ mod tests {
         let (mut s, now) = setup(2, 4, true);
         let r = schedule(&mut s, 0, &PieceSet::new(4), now);
         assert_eq!(r.assignments.len(), 4);
-        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &[PieceRecord { piece: PieceIndex(0), digest: digest(0) }], now)
-            .unwrap();
+        s.handle_announce(
+            &host(0),
+            task(),
+            AnnounceSource::Origin,
+            &[PieceRecord {
+                piece: PieceIndex(0),
+                digest: digest(0),
+            }],
+            now,
+        )
+        .unwrap();
         // h1 keeps heartbeating; h0 goes silent.
         let later = now + DEFAULT_HOST_TIMEOUT + Duration::from_secs(1);
-        s.handle_heartbeat(&host(1), SessionId(1), 0, later).unwrap();
+        s.handle_heartbeat(&host(1), SessionId(1), 0, later)
+            .unwrap();
         assert_eq!(s.handle_tick(later), vec![host(0)]);
         let r = schedule(&mut s, 1, &PieceSet::new(4), later);
         assert_eq!(r.assignments.len(), 4);
-        assert!(r.assignments.iter().all(|a| a.source == PieceSource::Origin));
+        assert!(
+            r.assignments
+                .iter()
+                .all(|a| a.source == PieceSource::Origin)
+        );
         assert!(matches!(
             s.handle_heartbeat(&host(0), SessionId(1), 0, later),
             Err(SchedError::UnknownHost(_))
@@ -1032,13 +1149,31 @@ mod tests {
     #[test]
     fn corrupt_reports_remove_piece_and_quarantine_parent() {
         let (mut s, now) = setup(3, 4, true);
-        let recs: Vec<_> = (0..4).map(|p| PieceRecord { piece: PieceIndex(p), digest: digest(p) }).collect();
-        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now).unwrap();
-        s.handle_announce(&host(2), task(), AnnounceSource::Restored, &recs, now).unwrap();
-        s.handle_piece_failed(&host(1), task(), PieceIndex(0), Some(&host(0)), PieceFailure::Corrupt, now)
+        let recs: Vec<_> = (0..4)
+            .map(|p| PieceRecord {
+                piece: PieceIndex(p),
+                digest: digest(p),
+            })
+            .collect();
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now)
             .unwrap();
+        s.handle_announce(&host(2), task(), AnnounceSource::Restored, &recs, now)
+            .unwrap();
+        s.handle_piece_failed(
+            &host(1),
+            task(),
+            PieceIndex(0),
+            Some(&host(0)),
+            PieceFailure::Corrupt,
+            now,
+        )
+        .unwrap();
         let r = schedule(&mut s, 1, &PieceSet::new(4), now);
-        let p0 = r.assignments.iter().find(|a| a.piece == PieceIndex(0)).unwrap();
+        let p0 = r
+            .assignments
+            .iter()
+            .find(|a| a.piece == PieceIndex(0))
+            .unwrap();
         match &p0.source {
             PieceSource::Parents { parents, .. } => {
                 assert!(parents.iter().all(|p| p.host != host(0)), "h0 lost piece 0");
@@ -1046,8 +1181,15 @@ mod tests {
             o => panic!("{o:?}"),
         }
         for p in 1..3 {
-            s.handle_piece_failed(&host(1), task(), PieceIndex(p), Some(&host(0)), PieceFailure::Corrupt, now)
-                .unwrap();
+            s.handle_piece_failed(
+                &host(1),
+                task(),
+                PieceIndex(p),
+                Some(&host(0)),
+                PieceFailure::Corrupt,
+                now,
+            )
+            .unwrap();
         }
         let r = schedule(&mut s, 1, &PieceSet::new(4), now);
         for a in r.assignments {
@@ -1065,45 +1207,85 @@ mod tests {
         s.handle_register_host(info(1, &[("zone", "b")]), now);
         s.handle_register_host(info(2, &[("zone", "a"), ("rack", "r1")]), now);
         for h in 0..3 {
-            s.handle_register_peer(&host(h), task(), "u", None, now).unwrap();
+            s.handle_register_peer(&host(h), task(), "u", None, now)
+                .unwrap();
         }
-        s.handle_report_layout(&host(0), task(), u64::from(PS), true, now).unwrap();
-        let rec = [PieceRecord { piece: PieceIndex(0), digest: digest(0) }];
-        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &rec, now).unwrap();
-        s.handle_announce(&host(1), task(), AnnounceSource::Peer, &rec, now).unwrap();
-        let first = |s: &mut Scheduler| match &schedule(s, 2, &PieceSet::new(1), now).assignments[0].source {
+        s.handle_report_layout(&host(0), task(), u64::from(PS), true, now)
+            .unwrap();
+        let rec = [PieceRecord {
+            piece: PieceIndex(0),
+            digest: digest(0),
+        }];
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &rec, now)
+            .unwrap();
+        s.handle_announce(&host(1), task(), AnnounceSource::Peer, &rec, now)
+            .unwrap();
+        let first = |s: &mut Scheduler| match &schedule(s, 2, &PieceSet::new(1), now).assignments[0]
+            .source
+        {
             PieceSource::Parents { parents, .. } => parents[0].host.clone(),
             o => panic!("{o:?}"),
         };
         assert_eq!(first(&mut s), host(0), "same rack wins when idle");
         s.handle_heartbeat(&host(0), SessionId(1), 4, now).unwrap();
-        assert_eq!(first(&mut s), host(1), "a saturated parent loses to an idle remote one");
+        assert_eq!(
+            first(&mut s),
+            host(1),
+            "a saturated parent loses to an idle remote one"
+        );
     }
 
     #[test]
     fn restarted_session_forgets_pieces_until_reannounced() {
         let (mut s, now) = setup(2, 2, true);
-        let recs: Vec<_> = (0..2).map(|p| PieceRecord { piece: PieceIndex(p), digest: digest(p) }).collect();
-        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now).unwrap();
+        let recs: Vec<_> = (0..2)
+            .map(|p| PieceRecord {
+                piece: PieceIndex(p),
+                digest: digest(p),
+            })
+            .collect();
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now)
+            .unwrap();
         let mut restarted = info(0, &[]);
         restarted.session = SessionId(2);
         s.handle_register_host(restarted, now);
         let r = schedule(&mut s, 1, &PieceSet::new(2), now);
-        assert!(r.assignments.iter().all(|a| a.source == PieceSource::Origin));
+        assert!(
+            r.assignments
+                .iter()
+                .all(|a| a.source == PieceSource::Origin)
+        );
     }
 
     #[test]
     fn restore_keeps_digests_across_restart() {
         let (mut s, now) = setup(1, 2, true);
-        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &[PieceRecord { piece: PieceIndex(1), digest: digest(1) }], now)
-            .unwrap();
+        s.handle_announce(
+            &host(0),
+            task(),
+            AnnounceSource::Origin,
+            &[PieceRecord {
+                piece: PieceIndex(1),
+                digest: digest(1),
+            }],
+            now,
+        )
+        .unwrap();
         let dirty = s.take_dirty();
         let mut s2 = Scheduler::new(cfg());
         s2.restore(dirty, now);
         s2.handle_register_host(info(5, &[]), now);
-        let v = s2.handle_register_peer(&host(5), task(), "u", None, now).unwrap();
+        let v = s2
+            .handle_register_peer(&host(5), task(), "u", None, now)
+            .unwrap();
         assert!(!v.probe, "layout survived");
-        assert_eq!(v.digests, vec![PieceRecord { piece: PieceIndex(1), digest: digest(1) }]);
+        assert_eq!(
+            v.digests,
+            vec![PieceRecord {
+                piece: PieceIndex(1),
+                digest: digest(1)
+            }]
+        );
     }
 
     #[test]
@@ -1116,9 +1298,16 @@ mod tests {
         let mut origin_fetches = 0;
         for round in 0..200 {
             let t = now + Duration::from_millis(round * 10);
-            for h in 0..n {
+            for (h, have_h) in have.iter_mut().enumerate() {
                 let r = s
-                    .handle_schedule(&host(h), task(), have[h].clone(), &PieceSet::new(pieces), 4, t)
+                    .handle_schedule(
+                        &host(h),
+                        task(),
+                        have_h.clone(),
+                        &PieceSet::new(pieces),
+                        4,
+                        t,
+                    )
                     .unwrap();
                 for a in r.assignments {
                     let source = match a.source {
@@ -1129,9 +1318,18 @@ mod tests {
                         PieceSource::Parents { .. } => AnnounceSource::Peer,
                         PieceSource::OriginWhole => unreachable!(),
                     };
-                    have[h].insert(a.piece);
-                    s.handle_announce(&host(h), task(), source, &[PieceRecord { piece: a.piece, digest: digest(a.piece.0) }], t)
-                        .unwrap();
+                    have_h.insert(a.piece);
+                    s.handle_announce(
+                        &host(h),
+                        task(),
+                        source,
+                        &[PieceRecord {
+                            piece: a.piece,
+                            digest: digest(a.piece.0),
+                        }],
+                        t,
+                    )
+                    .unwrap();
                 }
             }
             if have.iter().all(|h| h.is_full()) {

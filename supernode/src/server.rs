@@ -46,9 +46,15 @@ pub enum SupernodeError {
         source: std::io::Error,
     },
     #[error("binding control endpoint {addr}: {source}")]
-    BindControl { addr: SocketAddr, source: std::io::Error },
+    BindControl {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("binding HTTP API {addr}: {source}")]
-    BindApi { addr: SocketAddr, source: std::io::Error },
+    BindApi {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 struct Shared {
@@ -83,7 +89,10 @@ pub struct Supernode {
 }
 
 impl Supernode {
-    pub async fn start(cfg: SupernodeConfig, cancel: CancellationToken) -> Result<Self, SupernodeError> {
+    pub async fn start(
+        cfg: SupernodeConfig,
+        cancel: CancellationToken,
+    ) -> Result<Self, SupernodeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| SupernodeError::DataDir {
             path: cfg.data_dir.clone(),
             source,
@@ -103,17 +112,30 @@ impl Supernode {
             metrics: Metrics::default(),
         });
 
-        let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
-            .map_err(|source| SupernodeError::BindControl { addr: cfg.listen, source })?;
+        let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| {
+            SupernodeError::BindControl {
+                addr: cfg.listen,
+                source,
+            }
+        })?;
         let control_addr = endpoint
             .local_addr()
-            .map_err(|source| SupernodeError::BindControl { addr: cfg.listen, source })?;
+            .map_err(|source| SupernodeError::BindControl {
+                addr: cfg.listen,
+                source,
+            })?;
         let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
-            .map_err(|source| SupernodeError::BindApi { addr: cfg.api_listen, source })?;
+            .map_err(|source| SupernodeError::BindApi {
+                addr: cfg.api_listen,
+                source,
+            })?;
         let api_addr = api_listener
             .local_addr()
-            .map_err(|source| SupernodeError::BindApi { addr: cfg.api_listen, source })?;
+            .map_err(|source| SupernodeError::BindApi {
+                addr: cfg.api_listen,
+                source,
+            })?;
 
         let tracker = TaskTracker::new();
         {
@@ -160,7 +182,10 @@ impl Supernode {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("supernode tasks did not stop within 5s");
         }
         self.shared.persist_dirty();
@@ -261,20 +286,45 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 s.handle_register_host(info, now);
                 Ok(ControlResponse::Ack)
             }
-            ControlRequest::Heartbeat { host, session, uploads_in_flight } => s
+            ControlRequest::Heartbeat {
+                host,
+                session,
+                uploads_in_flight,
+            } => s
                 .handle_heartbeat(&host, session, uploads_in_flight, now)
                 .map(|()| ControlResponse::Ack),
-            ControlRequest::RegisterPeer { host, task, url, content_digest } => s
+            ControlRequest::RegisterPeer {
+                host,
+                task,
+                url,
+                content_digest,
+            } => s
                 .handle_register_peer(&host, task, &url, content_digest, now)
                 .map(ControlResponse::Task),
-            ControlRequest::ReportLayout { host, task, content_length, supports_range } => s
+            ControlRequest::ReportLayout {
+                host,
+                task,
+                content_length,
+                supports_range,
+            } => s
                 .handle_report_layout(&host, task, content_length, supports_range, now)
                 .and_then(|_| s.task_view(&task).ok_or(SchedError::UnknownTask(task)))
                 .map(ControlResponse::Task),
-            ControlRequest::AnnouncePieces { host, task, source, pieces } => s
+            ControlRequest::AnnouncePieces {
+                host,
+                task,
+                source,
+                pieces,
+            } => s
                 .handle_announce(&host, task, source, &pieces, now)
                 .map(|()| ControlResponse::Ack),
-            ControlRequest::Schedule { host, task, have, busy, max_assignments } => s
+            ControlRequest::Schedule {
+                host,
+                task,
+                have,
+                busy,
+                max_assignments,
+            } => s
                 .handle_schedule(&host, task, have, &busy, max_assignments, now)
                 .map(|r| {
                     for a in &r.assignments {
@@ -287,7 +337,13 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                     }
                     ControlResponse::Schedule(r)
                 }),
-            ControlRequest::PieceFailed { host, task, piece, parent, reason } => {
+            ControlRequest::PieceFailed {
+                host,
+                task,
+                piece,
+                parent,
+                reason,
+            } => {
                 if let Some(p) = &parent {
                     tracing::warn!(reporter = %host, parent = %p, %task, %piece, ?reason, "piece failure reported");
                 }
@@ -301,7 +357,10 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
         }
     };
     if kind == "schedule" {
-        shared.metrics.decision_seconds.observe(started.elapsed().as_secs_f64());
+        shared
+            .metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
     let resp = match result {
         Ok(r) => r,
@@ -310,8 +369,16 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
             message: e.to_string(),
         },
     };
-    let result = if matches!(resp, ControlResponse::Error { .. }) { "error" } else { "ok" };
-    shared.metrics.requests.get_or_create(&RequestLabels { kind, result }).inc();
+    let result = if matches!(resp, ControlResponse::Error { .. }) {
+        "error"
+    } else {
+        "ok"
+    };
+    shared
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels { kind, result })
+        .inc();
     shared.persist_dirty();
     resp
 }
@@ -328,7 +395,10 @@ fn api_router(shared: Arc<Shared>) -> Router {
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
 }
@@ -337,14 +407,28 @@ async fn list_tasks(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     Json(s.sched().task_summaries())
 }
 
-async fn get_task(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> axum::response::Response {
+async fn get_task(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> axum::response::Response {
     let Ok(id) = id.parse::<TaskId>() else {
-        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "task id must be 64 hex characters"})))
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": "task id must be 64 hex characters"})),
+        )
             .into_response();
     };
-    match s.sched().task_summaries().into_iter().find(|t| t.task == id) {
+    match s
+        .sched()
+        .task_summaries()
+        .into_iter()
+        .find(|t| t.task == id)
+    {
         Some(t) => Json(t).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": format!("unknown task {id}")})))
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": format!("unknown task {id}")})),
+        )
             .into_response(),
     }
 }

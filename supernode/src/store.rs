@@ -37,7 +37,10 @@ impl TaskStore {
                 let aside = dir.join(format!("tasks.sled.broken-{}", std::process::id()));
                 tracing::error!(error = %e, path = %path.display(), aside = %aside.display(),
                     "task database unreadable; moving it aside and starting empty");
-                std::fs::rename(&path, &aside).map_err(|_| StoreError::Open { path: path.clone(), source: e })?;
+                std::fs::rename(&path, &aside).map_err(|_| StoreError::Open {
+                    path: path.clone(),
+                    source: e,
+                })?;
                 sled::open(&path).map_err(|source| StoreError::Open { path, source })?
             }
         };
@@ -64,7 +67,8 @@ impl TaskStore {
     }
 
     pub fn put(&self, id: &TaskId, rec: &TaskRecord) -> Result<(), StoreError> {
-        self.tasks.insert(id.as_bytes(), postcard::to_allocvec(rec)?)?;
+        self.tasks
+            .insert(id.as_bytes(), postcard::to_allocvec(rec)?)?;
         Ok(())
     }
 

@@ -80,7 +80,9 @@ impl ClusterCa {
         let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .and_then(Result::ok)
-            .ok_or_else(|| TlsError::NoCert { path: cert.to_path_buf() })?;
+            .ok_or_else(|| TlsError::NoCert {
+                path: cert.to_path_buf(),
+            })?;
         let mut roots = RootCertStore::empty();
         roots.add(der)?;
         Ok(Self {
@@ -95,7 +97,9 @@ impl ClusterCa {
             let key_pair = KeyPair::generate()?;
             let mut params = CertificateParams::new(Vec::<String>::new())?;
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, "dfp2p cluster CA");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "dfp2p cluster CA");
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             params.not_after = rcgen::date_time_ymd(2100, 1, 1);
             let ca = params.self_signed(&key_pair)?;
@@ -112,8 +116,12 @@ impl ClusterCa {
     /// client and server certificate.
     pub fn issue(&self, names: &[&str]) -> Result<Identity, TlsError> {
         let key_pair = KeyPair::generate()?;
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("dfp2p"));
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("dfp2p"),
+        );
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -141,8 +149,13 @@ impl ClusterCa {
     }
 
     /// A QUIC server config that only accepts clients holding a leaf from this CA.
-    pub fn server_config(&self, id: &Identity, alpn: &[u8]) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider()).build()?;
+    pub fn server_config(
+        &self,
+        id: &Identity,
+        alpn: &[u8],
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider()).build()?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -155,7 +168,11 @@ impl ClusterCa {
     }
 
     /// A QUIC client config that presents our leaf and verifies servers against the CA.
-    pub fn client_config(&self, id: &Identity, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+    pub fn client_config(
+        &self,
+        id: &Identity,
+        alpn: &[u8],
+    ) -> Result<quinn::ClientConfig, TlsError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots.clone())
@@ -196,7 +213,8 @@ mod tests {
         let id = ca.issue(&[proto::PEER_SERVER_NAME]).unwrap();
         let again = ClusterCa::load_or_create(&c, &k).unwrap();
         assert!(again.server_config(&id, proto::PEER_ALPN).is_ok());
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&k).unwrap().permissions());
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&k).unwrap().permissions());
         assert_eq!(mode & 0o077, 0, "CA key not readable by others");
     }
 }

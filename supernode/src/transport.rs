@@ -35,7 +35,10 @@ pub async fn read_frame<F: Frame>(recv: &mut quinn::RecvStream) -> Result<F, Fra
     Ok(F::decode_body(&body)?)
 }
 
-pub async fn write_frame<F: Frame>(send: &mut quinn::SendStream, msg: &F) -> Result<(), FrameIoError> {
+pub async fn write_frame<F: Frame>(
+    send: &mut quinn::SendStream,
+    msg: &F,
+) -> Result<(), FrameIoError> {
     send.write_all(&msg.to_bytes()?).await?;
     Ok(())
 }

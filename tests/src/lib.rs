@@ -32,11 +32,24 @@ pub fn bins() -> &'static Bins {
     BINS.get_or_init(|| {
         let exe = std::env::current_exe().expect("test exe path");
         // target/<profile>/deps/<test> -> target/<profile>
-        let dir = exe.parent().and_then(Path::parent).expect("profile dir").to_path_buf();
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("profile dir")
+            .to_path_buf();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "supernode", "-p", "dfdaemon", "-p", "dfget"]);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "supernode",
+            "-p",
+            "dfdaemon",
+            "-p",
+            "dfget",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -77,11 +90,17 @@ pub fn random_bytes(len: usize, seed: u64) -> Bytes {
 }
 
 fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free tcp port")
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
 }
 
 /// A child process killed on drop; its stderr goes to a log file printed on failure.
@@ -97,10 +116,20 @@ impl Proc {
     }
 
     fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        cmd.stdout(Stdio::null()).stderr(f).env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        cmd.stdout(Stdio::null()).stderr(f).env(
+            "RUST_LOG",
+            std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
-        Ok(Self { name: name.to_string(), child: Some(child), log })
+        Ok(Self {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
     }
 
     pub fn kill(&mut self) {
@@ -111,7 +140,9 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     pub fn log_tail(&self) -> String {
@@ -143,14 +174,30 @@ impl SupernodeProc {
         let control: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
         let api: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
         let log = data_dir.with_extension("log");
-        let mut s = Self { proc: Self::spawn(data_dir, control, api, &log)?, control, api, data_dir: data_dir.to_path_buf(), log };
+        let mut s = Self {
+            proc: Self::spawn(data_dir, control, api, &log)?,
+            control,
+            api,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        };
         s.wait_ready()?;
         Ok(s)
     }
 
-    fn spawn(data_dir: &Path, control: SocketAddr, api: SocketAddr, log: &Path) -> anyhow::Result<Proc> {
+    fn spawn(
+        data_dir: &Path,
+        control: SocketAddr,
+        api: SocketAddr,
+        log: &Path,
+    ) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(&bins().supernode);
-        cmd.arg("--listen").arg(control.to_string()).arg("--api-listen").arg(api.to_string()).arg("--data-dir").arg(data_dir);
+        cmd.arg("--listen")
+            .arg(control.to_string())
+            .arg("--api-listen")
+            .arg(api.to_string())
+            .arg("--data-dir")
+            .arg(data_dir);
         Proc::spawn("supernode", cmd, log.to_path_buf())
     }
 
@@ -169,7 +216,10 @@ impl SupernodeProc {
     }
 
     pub fn ca(&self) -> (PathBuf, PathBuf) {
-        (self.data_dir.join("ca.pem"), self.data_dir.join("ca-key.pem"))
+        (
+            self.data_dir.join("ca.pem"),
+            self.data_dir.join("ca-key.pem"),
+        )
     }
 
     pub fn kill(&mut self) {
@@ -204,7 +254,12 @@ pub struct DaemonProc {
 
 impl DaemonProc {
     /// A daemon attached to `supernode`, with its own data dir, socket and port.
-    pub fn start(supernode: &SupernodeProc, root: &Path, host_id: &str, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(
+        supernode: &SupernodeProc,
+        root: &Path,
+        host_id: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let data_dir = root.join(host_id);
         std::fs::create_dir_all(&data_dir)?;
         let (ca_cert, ca_key) = supernode.ca();
@@ -272,11 +327,17 @@ impl DaemonProc {
     }
 
     pub fn dfget(&self, url: &str, out: &Path, extra: &[&str]) -> Output {
-        dfget_cmd(&self.sock, url, out, extra).output().expect("running dfget")
+        dfget_cmd(&self.sock, url, out, extra)
+            .output()
+            .expect("running dfget")
     }
 
     pub fn dfget_spawn(&self, url: &str, out: &Path, extra: &[&str]) -> Child {
-        dfget_cmd(&self.sock, url, out, extra).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning dfget")
+        dfget_cmd(&self.sock, url, out, extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning dfget")
     }
 
     pub fn tasks(&self) -> anyhow::Result<serde_json::Value> {
@@ -290,17 +351,26 @@ impl DaemonProc {
     /// The single task this daemon is running or ran (tests use one URL per daemon).
     pub fn task(&self) -> anyhow::Result<serde_json::Value> {
         let tasks = self.tasks()?;
-        tasks.as_array().and_then(|a| a.first()).cloned().context("no task")
+        tasks
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned()
+            .context("no task")
     }
 
     /// Value of a Prometheus counter (sum over label sets matching `labels`).
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
-        let Ok((_, body)) = unix_get(&self.sock, "/metrics") else { return 0.0 };
+        let Ok((_, body)) = unix_get(&self.sock, "/metrics") else {
+            return 0.0;
+        };
         parse_metric(&String::from_utf8_lossy(&body), name, labels)
     }
 
     pub fn data_file(&self, task_id: &str) -> PathBuf {
-        self.data_dir.join("store").join("data").join(format!("{task_id}.data"))
+        self.data_dir
+            .join("store")
+            .join("data")
+            .join(format!("{task_id}.data"))
     }
 }
 
@@ -315,7 +385,13 @@ pub fn parse_metric(text: &str, name: &str, labels: &str) -> f64 {
 
 pub fn dfget_cmd(sock: &Path, url: &str, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(&bins().dfget);
-    cmd.arg(url).arg("-O").arg(out).arg("--daemon-sock").arg(sock).arg("--no-progress").args(extra);
+    cmd.arg(url)
+        .arg("-O")
+        .arg(out)
+        .arg("--daemon-sock")
+        .arg(sock)
+        .arg("--no-progress")
+        .args(extra);
     cmd
 }
 
@@ -334,14 +410,27 @@ pub fn unix_get(sock: &Path, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
 }
 
 fn raw_get(s: &mut (impl Read + Write), path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
-    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").context("no header end")?;
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no header end")?;
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
     let mut body = buf[head_end + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body)?;
     }
     Ok((status, body))
@@ -350,7 +439,10 @@ fn raw_get(s: &mut (impl Read + Write), path: &str) -> anyhow::Result<(u16, Vec<
 fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").context("chunk size line")?;
+        let line_end = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("chunk size line")?;
         let size = usize::from_str_radix(std::str::from_utf8(&b[..line_end])?.trim(), 16)?;
         b = &b[line_end + 2..];
         if size == 0 {
@@ -372,7 +464,10 @@ pub struct Origin {
 
 impl Origin {
     pub fn start(files: HashMap<String, Bytes>, ranges: bool) -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
         let sent = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
         let files = Arc::new(files);
@@ -382,24 +477,41 @@ impl Origin {
             let (sent, requests) = (sent.clone(), requests.clone());
             rt.spawn(async move {
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let (files, sent, requests) = (files.clone(), sent.clone(), requests.clone());
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let resp = serve(&files, &req, ranges);
-                            requests.fetch_add(1, Ordering::Relaxed);
-                            sent.fetch_add(
-                                if req.method() == hyper::Method::HEAD { 0 } else { hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0) },
-                                Ordering::Relaxed,
-                            );
-                            async move { Ok::<_, std::convert::Infallible>(resp) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                        let svc = hyper::service::service_fn(
+                            move |req: Request<hyper::body::Incoming>| {
+                                let resp = serve(&files, &req, ranges);
+                                requests.fetch_add(1, Ordering::Relaxed);
+                                sent.fetch_add(
+                                    if req.method() == hyper::Method::HEAD {
+                                        0
+                                    } else {
+                                        hyper::body::Body::size_hint(resp.body())
+                                            .exact()
+                                            .unwrap_or(0)
+                                    },
+                                    Ordering::Relaxed,
+                                );
+                                async move { Ok::<_, std::convert::Infallible>(resp) }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
                     });
                 }
             });
         }
-        Ok(Self { addr, sent, requests, _rt: rt })
+        Ok(Self {
+            addr,
+            sent,
+            requests,
+            _rt: rt,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -415,18 +527,33 @@ impl Origin {
     }
 }
 
-fn serve(files: &HashMap<String, Bytes>, req: &Request<hyper::body::Incoming>, ranges: bool) -> Response<Full<Bytes>> {
+fn serve(
+    files: &HashMap<String, Bytes>,
+    req: &Request<hyper::body::Incoming>,
+    ranges: bool,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().trim_start_matches('/');
     let Some(data) = files.get(path) else {
-        return Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"not found"))).expect("response");
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(b"not found")))
+            .expect("response");
     };
     let len = data.len() as u64;
-    let range = req.headers().get(hyper::header::RANGE).and_then(|v| v.to_str().ok()).filter(|_| ranges);
+    let range = req
+        .headers()
+        .get(hyper::header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| ranges);
     if let Some(r) = range {
         let spec = r.trim_start_matches("bytes=");
         let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
         let start: u64 = a.parse().unwrap_or(0);
-        let end: u64 = if b.is_empty() { len.saturating_sub(1) } else { b.parse::<u64>().unwrap_or(0).min(len.saturating_sub(1)) };
+        let end: u64 = if b.is_empty() {
+            len.saturating_sub(1)
+        } else {
+            b.parse::<u64>().unwrap_or(0).min(len.saturating_sub(1))
+        };
         if start >= len || end < start {
             return Response::builder()
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
@@ -436,10 +563,16 @@ fn serve(files: &HashMap<String, Bytes>, req: &Request<hyper::body::Incoming>, r
         }
         return Response::builder()
             .status(StatusCode::PARTIAL_CONTENT)
-            .header(hyper::header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+            .header(
+                hyper::header::CONTENT_RANGE,
+                format!("bytes {start}-{end}/{len}"),
+            )
             .header(hyper::header::ACCEPT_RANGES, "bytes")
             .body(Full::new(data.slice(start as usize..=end as usize)))
             .expect("response");
     }
-    Response::builder().status(StatusCode::OK).body(Full::new(data.clone())).expect("response")
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(Full::new(data.clone()))
+        .expect("response")
 }

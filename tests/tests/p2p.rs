@@ -39,7 +39,11 @@ fn fetch_all(daemons: &[DaemonProc], url: &str, root: &Path) -> Vec<(usize, bool
         .into_iter()
         .map(|(i, c)| {
             let out = c.wait_with_output().expect("dfget");
-            (i, out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+            (
+                i,
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
         })
         .collect()
 }
@@ -47,7 +51,11 @@ fn fetch_all(daemons: &[DaemonProc], url: &str, root: &Path) -> Vec<(usize, bool
 #[test]
 fn five_daemons_fetch_256mib_with_origin_sending_it_about_once() {
     let root = tempfile::tempdir().unwrap();
-    let size = std::env::var("P2P_TEST_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256) * MIB;
+    let size = std::env::var("P2P_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+        * MIB;
     let data = random_bytes(size, 1);
     let want = sha256_hex(&data);
     let origin = Origin::start(HashMap::from([("big.bin".to_string(), data)]), true).unwrap();
@@ -55,21 +63,38 @@ fn five_daemons_fetch_256mib_with_origin_sending_it_about_once() {
     let results = fetch_all(&daemons, &origin.url("big.bin"), root.path());
     for (i, ok, err) in &results {
         assert!(ok, "dfget on d{i} failed: {err}");
-        assert_eq!(file_sha256(&root.path().join(format!("out{i}"))).unwrap(), want, "d{i} bytes");
+        assert_eq!(
+            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
+            want,
+            "d{i} bytes"
+        );
     }
     let sent = origin.bytes_sent();
     let ratio = sent as f64 / size as f64;
     eprintln!("origin sent {sent} bytes = {ratio:.4} x file size");
     assert!(ratio <= 1.05, "origin sent {ratio:.3} x the file");
-    let from_peers: f64 = daemons.iter().map(|d| d.metric("dfdaemon_piece_bytes_total", "source=\"peer\"")).sum();
-    assert!(from_peers >= 3.0 * size as f64, "most bytes moved between daemons: {from_peers}");
+    let from_peers: f64 = daemons
+        .iter()
+        .map(|d| d.metric("dfdaemon_piece_bytes_total", "source=\"peer\""))
+        .sum();
+    assert!(
+        from_peers >= 3.0 * size as f64,
+        "most bytes moved between daemons: {from_peers}"
+    );
 }
 
 /// Polls a daemon until its task has at least `n` pieces stored.
 fn wait_pieces(d: &DaemonProc, n: u64, timeout: Duration) {
-    wait_for(&format!("{} to hold {n} pieces", d.host_id), timeout, || {
-        d.task().ok().and_then(|t| t["pieces_stored"].as_u64()).is_some_and(|s| s >= n)
-    });
+    wait_for(
+        &format!("{} to hold {n} pieces", d.host_id),
+        timeout,
+        || {
+            d.task()
+                .ok()
+                .and_then(|t| t["pieces_stored"].as_u64())
+                .is_some_and(|s| s >= n)
+        },
+    );
 }
 
 #[test]
@@ -90,24 +115,49 @@ fn killed_daemon_does_not_stop_the_others_and_resumes_after_restart() {
     for (i, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
         if i == 4 {
-            assert!(!out.status.success(), "dfget on the killed daemon must fail");
+            assert!(
+                !out.status.success(),
+                "dfget on the killed daemon must fail"
+            );
             continue;
         }
-        assert!(out.status.success(), "d{i}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(file_sha256(&root.path().join(format!("out{i}"))).unwrap(), want);
+        assert!(
+            out.status.success(),
+            "d{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
+            want
+        );
     }
-    assert!(!root.path().join("out4").exists(), "no partial file left behind");
+    assert!(
+        !root.path().join("out4").exists(),
+        "no partial file left behind"
+    );
 
     daemons[4].restart().unwrap();
     let out = daemons[4].dfget(&url, &root.path().join("out4"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(file_sha256(&root.path().join("out4")).unwrap(), want);
     let t = daemons[4].task().unwrap();
-    let (total, at_start) = (t["pieces_total"].as_u64().unwrap(), t["pieces_at_start"].as_u64().unwrap());
-    let fetched = t["pieces_from_origin"].as_u64().unwrap() + t["pieces_from_peers"].as_u64().unwrap();
+    let (total, at_start) = (
+        t["pieces_total"].as_u64().unwrap(),
+        t["pieces_at_start"].as_u64().unwrap(),
+    );
+    let fetched =
+        t["pieces_from_origin"].as_u64().unwrap() + t["pieces_from_peers"].as_u64().unwrap();
     eprintln!("restarted daemon: {at_start} of {total} pieces survived, fetched {fetched}");
     assert!(at_start >= 6, "pieces stored before the kill survived: {t}");
-    assert_eq!(fetched, total - at_start, "fetched only what it lacked: {t}");
+    assert_eq!(
+        fetched,
+        total - at_start,
+        "fetched only what it lacked: {t}"
+    );
 }
 
 #[test]
@@ -119,8 +169,15 @@ fn corrupt_piece_on_disk_is_never_served() {
     let url = origin.url("f");
     let (_sn, daemons) = cluster(root.path(), 2);
     let out = daemons[0].dfget(&url, &root.path().join("a"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let task = daemons[0].task().unwrap()["task"].as_str().unwrap().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let task = daemons[0].task().unwrap()["task"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let sent_before = origin.bytes_sent();
 
     // Flip one byte in piece 2 of d0's data file, under the running daemon.
@@ -131,19 +188,37 @@ fn corrupt_piece_on_disk_is_never_served() {
     std::fs::write(&path, &bytes).unwrap();
 
     let out = daemons[1].dfget(&url, &root.path().join("b"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(file_sha256(&root.path().join("b")).unwrap(), want, "requester got the right bytes");
-    assert!(daemons[0].metric("dfdaemon_corrupt_local_pieces_total", "") >= 1.0, "d0 caught its corrupt piece");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        file_sha256(&root.path().join("b")).unwrap(),
+        want,
+        "requester got the right bytes"
+    );
+    assert!(
+        daemons[0].metric("dfdaemon_corrupt_local_pieces_total", "") >= 1.0,
+        "d0 caught its corrupt piece"
+    );
     assert!(
         daemons[1].metric("dfdaemon_piece_failures_total", "reason=\"corrupt\"") >= 1.0,
         "d1 saw the piece refused as corrupt"
     );
     let refetched = origin.bytes_sent() - sent_before;
-    assert!(refetched <= 4 * MIB as u64, "only the bad piece came from the origin again ({refetched} bytes)");
+    assert!(
+        refetched <= 4 * MIB as u64,
+        "only the bad piece came from the origin again ({refetched} bytes)"
+    );
 
     // d0 itself repairs: its next read refetches the dropped piece.
     let out = daemons[0].dfget(&url, &root.path().join("a2"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(file_sha256(&root.path().join("a2")).unwrap(), want);
 }
 
@@ -164,8 +239,16 @@ fn supernode_stopped_mid_run_downloads_still_complete_and_reannounce_later() {
     sn.kill();
     for (i, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "d{i}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(file_sha256(&root.path().join(format!("out{i}"))).unwrap(), want, "d{i}");
+        assert!(
+            out.status.success(),
+            "d{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
+            want,
+            "d{i}"
+        );
     }
     // A download started while the supernode is down works too (origin).
     let out = daemons[1].dfget(&url, &root.path().join("again"), &[]);
@@ -173,13 +256,25 @@ fn supernode_stopped_mid_run_downloads_still_complete_and_reannounce_later() {
 
     // When it returns, every daemon registers again and re-announces its pieces.
     sn.restart().unwrap();
-    wait_for("hosts and pieces re-announced", Duration::from_secs(30), || {
-        let Ok(tasks) = sn.get_json("/api/v1/tasks") else { return false };
-        let Some(t) = tasks.as_array().and_then(|a| a.first()) else { return false };
-        let total = t["pieces"].as_u64().unwrap_or(0);
-        let full = t["peers"].as_array().map_or(0, |p| p.iter().filter(|p| p["pieces"].as_u64() == Some(total)).count());
-        full == 3 && total > 0
-    });
+    wait_for(
+        "hosts and pieces re-announced",
+        Duration::from_secs(30),
+        || {
+            let Ok(tasks) = sn.get_json("/api/v1/tasks") else {
+                return false;
+            };
+            let Some(t) = tasks.as_array().and_then(|a| a.first()) else {
+                return false;
+            };
+            let total = t["pieces"].as_u64().unwrap_or(0);
+            let full = t["peers"].as_array().map_or(0, |p| {
+                p.iter()
+                    .filter(|p| p["pieces"].as_u64() == Some(total))
+                    .count()
+            });
+            full == 3 && total > 0
+        },
+    );
     let hosts = sn.get_json("/api/v1/hosts").unwrap();
     assert_eq!(hosts.as_array().unwrap().len(), 3);
 }
@@ -192,17 +287,40 @@ fn embedded_supernode_default_serves_a_file() {
     let origin = Origin::start(HashMap::from([("f".to_string(), data)]), true).unwrap();
     let sock = root.path().join("d.sock");
     let mut cmd = std::process::Command::new(&tests::bins().dfdaemon);
-    cmd.arg("--data-dir").arg(root.path().join("d")).arg("--api-sock").arg(&sock).arg("--peer-listen").arg("127.0.0.1:0");
+    cmd.arg("--data-dir")
+        .arg(root.path().join("d"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--peer-listen")
+        .arg("127.0.0.1:0");
     let _d = tests::Proc::spawn_cmd("embedded", cmd, root.path().join("d.log")).unwrap();
-    wait_for("embedded daemon", Duration::from_secs(20), || tests::unix_get(&sock, "/healthz").is_ok());
-    let out = tests::dfget_cmd(&sock, &origin.url("f"), &root.path().join("o"), &["--digest", &format!("sha256:{want}")])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("embedded daemon", Duration::from_secs(20), || {
+        tests::unix_get(&sock, "/healthz").is_ok()
+    });
+    let out = tests::dfget_cmd(
+        &sock,
+        &origin.url("f"),
+        &root.path().join("o"),
+        &["--digest", &format!("sha256:{want}")],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(file_sha256(&root.path().join("o")).unwrap(), want);
     // Second fetch is a cache hit: the origin sees no more body bytes.
     let before = origin.bytes_sent();
-    let out = tests::dfget_cmd(&sock, &origin.url("f"), &root.path().join("o2"), &["--digest", &want]).output().unwrap();
+    let out = tests::dfget_cmd(
+        &sock,
+        &origin.url("f"),
+        &root.path().join("o2"),
+        &["--digest", &want],
+    )
+    .output()
+    .unwrap();
     assert!(out.status.success());
     assert_eq!(origin.bytes_sent(), before);
 }
