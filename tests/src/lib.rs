@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::Full;
+use futures_util::StreamExt;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
@@ -482,23 +482,29 @@ impl Origin {
                     };
                     let (files, sent, requests) = (files.clone(), sent.clone(), requests.clone());
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(
-                            move |req: Request<hyper::body::Incoming>| {
-                                let resp = serve(&files, &req, ranges);
-                                requests.fetch_add(1, Ordering::Relaxed);
-                                sent.fetch_add(
-                                    if req.method() == hyper::Method::HEAD {
-                                        0
-                                    } else {
-                                        hyper::body::Body::size_hint(resp.body())
-                                            .exact()
-                                            .unwrap_or(0)
-                                    },
-                                    Ordering::Relaxed,
-                                );
-                                async move { Ok::<_, std::convert::Infallible>(resp) }
-                            },
-                        );
+                        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            requests.fetch_add(1, Ordering::Relaxed);
+                            let head = req.method() == hyper::Method::HEAD;
+                            let sent = sent.clone();
+                            // Count bytes as hyper pulls them for the socket, so a client
+                            // that hangs up early is not charged for the whole body.
+                            let resp = serve(&files, &req, ranges).map(move |body: Bytes| {
+                                let chunks: Vec<Bytes> = if head {
+                                    Vec::new()
+                                } else {
+                                    (0..body.len())
+                                        .step_by(CHUNK)
+                                        .map(|i| body.slice(i..(i + CHUNK).min(body.len())))
+                                        .collect()
+                                };
+                                let stream = futures_util::stream::iter(chunks).map(move |c| {
+                                    sent.fetch_add(c.len() as u64, Ordering::Relaxed);
+                                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))
+                                });
+                                http_body_util::StreamBody::new(stream)
+                            });
+                            async move { Ok::<_, std::convert::Infallible>(resp) }
+                        });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
@@ -527,16 +533,20 @@ impl Origin {
     }
 }
 
+/// Body chunk size of the test origin; bounds how far the byte count runs ahead of the socket.
+const CHUNK: usize = 64 << 10;
+
 fn serve(
     files: &HashMap<String, Bytes>,
     req: &Request<hyper::body::Incoming>,
     ranges: bool,
-) -> Response<Full<Bytes>> {
+) -> Response<Bytes> {
     let path = req.uri().path().trim_start_matches('/');
     let Some(data) = files.get(path) else {
         return Response::builder()
             .status(StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::from_static(b"not found")))
+            .header(hyper::header::CONTENT_LENGTH, 9)
+            .body(Bytes::from_static(b"not found"))
             .expect("response");
     };
     let len = data.len() as u64;
@@ -558,7 +568,8 @@ fn serve(
             return Response::builder()
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(hyper::header::CONTENT_RANGE, format!("bytes */{len}"))
-                .body(Full::new(Bytes::new()))
+                .header(hyper::header::CONTENT_LENGTH, 0)
+                .body(Bytes::new())
                 .expect("response");
         }
         return Response::builder()
@@ -568,11 +579,13 @@ fn serve(
                 format!("bytes {start}-{end}/{len}"),
             )
             .header(hyper::header::ACCEPT_RANGES, "bytes")
-            .body(Full::new(data.slice(start as usize..=end as usize)))
+            .header(hyper::header::CONTENT_LENGTH, end - start + 1)
+            .body(data.slice(start as usize..=end as usize))
             .expect("response");
     }
     Response::builder()
         .status(StatusCode::OK)
-        .body(Full::new(data.clone()))
+        .header(hyper::header::CONTENT_LENGTH, len)
+        .body(data.clone())
         .expect("response")
 }

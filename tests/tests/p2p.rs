@@ -324,3 +324,21 @@ fn embedded_supernode_default_serves_a_file() {
     assert!(out.status.success());
     assert_eq!(origin.bytes_sent(), before);
 }
+
+#[test]
+fn origin_without_range_is_streamed_once_and_shared() {
+    let root = tempfile::tempdir().unwrap();
+    let data = random_bytes(40 * MIB + 3, 6);
+    let want = sha256_hex(&data);
+    let origin = Origin::start(HashMap::from([("f".to_string(), data)]), false).unwrap();
+    let (_sn, daemons) = cluster(root.path(), 3);
+    let results = fetch_all(&daemons, &origin.url("f"), root.path());
+    for (i, ok, err) in &results {
+        assert!(ok, "dfget on d{i} failed: {err}");
+        assert_eq!(file_sha256(&root.path().join(format!("out{i}"))).unwrap(), want, "d{i} bytes");
+    }
+    let ratio = origin.bytes_sent() as f64 / (40 * MIB) as f64;
+    eprintln!("no-range origin sent {ratio:.3} x file size");
+    // One full stream, plus what the one-byte probe's 200 answer pushed before hang-up.
+    assert!(ratio <= 1.1, "origin sent {ratio:.3} x the file");
+}
