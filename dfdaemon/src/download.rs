@@ -563,7 +563,7 @@ impl Engine {
         let announcer = {
             let control = self.control.clone();
             let host = host.clone();
-            tokio::spawn(announce_loop(control, host, id, ann_rx))
+            tokio::spawn(announce_loop(control, self.store.clone(), host, id, ann_rx))
         };
         let mut announcer = AbortOnDrop(announcer);
 
@@ -909,10 +909,14 @@ impl Engine {
         for round in 0..BUSY_ROUNDS {
             let mut busy = Vec::new();
             for parent in candidates {
+                let started = Instant::now();
                 match self.peers.fetch(parent.addr, id, piece, len, digest).await {
                     Ok(data) => {
                         let bytes = data.len() as u64;
-                        return match self.store_piece(id, piece, data, digest).await {
+                        let fetched = started.elapsed();
+                        let stored = self.store_piece(id, piece, data, digest).await;
+                        tracing::debug!(task = %id, %piece, parent = %parent.host, ?fetched, store = ?(started.elapsed() - fetched), "piece from parent");
+                        return match stored {
                             Ok(()) => Event::Stored {
                                 piece,
                                 digest,
@@ -1191,9 +1195,11 @@ impl Drop for AbortOnDrop {
 }
 
 /// Sends landed pieces to the supernode in batches; whatever is queued while one call
-/// is in flight goes in the next.
+/// is in flight goes in the next. Each batch is made durable first (one sync for the
+/// batch), so what the supernode hears of survives a crash of this daemon.
 async fn announce_loop(
     control: Arc<ControlClient>,
+    store: Arc<Store>,
     host: proto::HostId,
     task: TaskId,
     mut rx: mpsc::Receiver<(AnnounceSource, PieceRecord)>,
@@ -1202,6 +1208,10 @@ async fn announce_loop(
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
+        }
+        if let Err(e) = store.sync().await {
+            tracing::error!(%task, error = %e, "syncing the piece store failed; not announcing");
+            continue;
         }
         for source in [AnnounceSource::Origin, AnnounceSource::Peer] {
             let pieces: Vec<PieceRecord> = batch

@@ -431,6 +431,15 @@ impl Store {
         Ok(())
     }
 
+    /// Makes every record written so far durable. Callers await this before announcing a
+    /// piece, so a killed daemon resumes from every piece it announced; concurrent callers
+    /// share one sync (group commit). The data needs no fsync: reads verify, so a torn
+    /// write after power loss is refetched, never served.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
     /// Reads a stored piece and checks it against its digest. A mismatch drops the piece
     /// (so it is refetched) and reports [`StoreError::Corrupt`]. Blocking.
     pub fn read_piece(

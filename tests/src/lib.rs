@@ -139,6 +139,10 @@ impl Proc {
         }
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -482,29 +486,33 @@ impl Origin {
                     };
                     let (files, sent, requests) = (files.clone(), sent.clone(), requests.clone());
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            requests.fetch_add(1, Ordering::Relaxed);
-                            let head = req.method() == hyper::Method::HEAD;
-                            let sent = sent.clone();
-                            // Count bytes as hyper pulls them for the socket, so a client
-                            // that hangs up early is not charged for the whole body.
-                            let resp = serve(&files, &req, ranges).map(move |body: Bytes| {
-                                let chunks: Vec<Bytes> = if head {
-                                    Vec::new()
-                                } else {
-                                    (0..body.len())
-                                        .step_by(CHUNK)
-                                        .map(|i| body.slice(i..(i + CHUNK).min(body.len())))
-                                        .collect()
-                                };
-                                let stream = futures_util::stream::iter(chunks).map(move |c| {
-                                    sent.fetch_add(c.len() as u64, Ordering::Relaxed);
-                                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))
+                        let svc = hyper::service::service_fn(
+                            move |req: Request<hyper::body::Incoming>| {
+                                requests.fetch_add(1, Ordering::Relaxed);
+                                let head = req.method() == hyper::Method::HEAD;
+                                let sent = sent.clone();
+                                // Count bytes as hyper pulls them for the socket, so a client
+                                // that hangs up early is not charged for the whole body.
+                                let resp = serve(&files, &req, ranges).map(move |body: Bytes| {
+                                    let chunks: Vec<Bytes> = if head {
+                                        Vec::new()
+                                    } else {
+                                        (0..body.len())
+                                            .step_by(CHUNK)
+                                            .map(|i| body.slice(i..(i + CHUNK).min(body.len())))
+                                            .collect()
+                                    };
+                                    let stream = futures_util::stream::iter(chunks).map(move |c| {
+                                        sent.fetch_add(c.len() as u64, Ordering::Relaxed);
+                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                            c,
+                                        ))
+                                    });
+                                    http_body_util::StreamBody::new(stream)
                                 });
-                                http_body_util::StreamBody::new(stream)
-                            });
-                            async move { Ok::<_, std::convert::Infallible>(resp) }
-                        });
+                                async move { Ok::<_, std::convert::Infallible>(resp) }
+                            },
+                        );
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;

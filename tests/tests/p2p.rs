@@ -111,6 +111,9 @@ fn killed_daemon_does_not_stop_the_others_and_resumes_after_restart() {
         .map(|(i, d)| d.dfget_spawn(&url, &root.path().join(format!("out{i}")), &[]))
         .collect();
     wait_pieces(&daemons[4], 6, Duration::from_secs(60));
+    // Stored pieces become durable when announced (one sync per batch); give the batch
+    // in flight a moment, as a real crash would not wait for us.
+    std::thread::sleep(Duration::from_millis(300));
     daemons[4].kill();
     for (i, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
@@ -335,7 +338,11 @@ fn origin_without_range_is_streamed_once_and_shared() {
     let results = fetch_all(&daemons, &origin.url("f"), root.path());
     for (i, ok, err) in &results {
         assert!(ok, "dfget on d{i} failed: {err}");
-        assert_eq!(file_sha256(&root.path().join(format!("out{i}"))).unwrap(), want, "d{i} bytes");
+        assert_eq!(
+            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
+            want,
+            "d{i} bytes"
+        );
     }
     let ratio = origin.bytes_sent() as f64 / (40 * MIB) as f64;
     eprintln!("no-range origin sent {ratio:.3} x file size");
