@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::control::{ControlClient, ControlError};
 use crate::metrics::Metrics;
-use crate::origin::{Origin, OriginError, header_map};
+use crate::origin::{BodyStream, Origin, OriginError, header_map};
 use crate::peer::{PeerClient, PeerError};
 use crate::store::{Store, StoreError};
 
@@ -71,6 +71,9 @@ pub const DEFAULT_FILTERED_QUERY: &[&str] = &[
 const KEEP_FINISHED: usize = 1024;
 /// While the supernode is unreachable, try it again this often.
 const SUPERNODE_RETRY: Duration = Duration::from_secs(3);
+/// How long a supernode that stopped answering mid-download may take to come back
+/// before pieces nobody we know holds are fetched from the origin.
+const SUPERNODE_GRACE: Duration = Duration::from_secs(3);
 /// Attempts at one piece before the download fails.
 const MAX_PIECE_ATTEMPTS: u32 = 12;
 /// Rounds through a piece's parents while all of them answer `Busy`.
@@ -260,7 +263,8 @@ enum Job {
         piece: PieceIndex,
         expected: Option<Sha256Digest>,
     },
-    OriginWhole,
+    /// The whole content; with the probe's body when that request already carries it.
+    OriginWhole(Option<BodyStream>),
 }
 
 /// What an [`Engine`] is built from.
@@ -434,6 +438,8 @@ impl Engine {
 
         // Register; the view tells the layout, recorded digests and who probes.
         let mut sn_ok = false;
+        // A supernode already known to be down at the start means no grace period.
+        let was_up = self.control.is_up();
         let mut probe = false;
         let mut sn_layout = None;
         let mut sn_range = false;
@@ -464,6 +470,7 @@ impl Engine {
 
         // Layout: the supernode's, else ours from the store, else probe.
         let started = Instant::now();
+        let mut probe_body: Option<BodyStream> = None;
         let (layout, supports_range) = loop {
             if let Some(l) = sn_layout {
                 break (l, sn_range);
@@ -484,11 +491,12 @@ impl Engine {
                 break (l, meta.supports_range);
             }
             if probe || !sn_ok {
-                let p = self
+                let mut p = self
                     .origin
                     .probe(&url, &headers)
                     .await
                     .map_err(|e| origin_api_error(&e))?;
+                probe_body = p.body.take();
                 if sn_ok {
                     match self
                         .control
@@ -574,6 +582,16 @@ impl Engine {
         let mut whole_running = false;
         let mut next_poll = Instant::now();
         let mut sn_retry_at = Instant::now();
+        // Until this instant a supernode failure is treated as a blip: keep to known
+        // parents and retry it, rather than sending everyone to the origin at once.
+        let mut origin_fallback_at = if sn_ok || was_up {
+            Instant::now() + SUPERNODE_GRACE
+        } else {
+            Instant::now()
+        };
+        // Whether the last exchange with the supernode worked (`sn_ok` only says whether
+        // to try it next).
+        let mut sn_healthy = sn_ok;
         let mut last_progress = Instant::now();
         loop {
             let stored = self.store.stored(&id).unwrap_or_default();
@@ -584,7 +602,10 @@ impl Engine {
             let now = Instant::now();
             if slots > 0 && now >= next_poll && !whole_running {
                 let mut planned: Vec<Job> = Vec::new();
-                if !sn_ok && now >= sn_retry_at && self.control.is_up() {
+                if !sn_ok
+                    && now >= sn_retry_at
+                    && (self.control.is_up() || now < origin_fallback_at)
+                {
                     sn_ok = true;
                 }
                 if sn_ok {
@@ -597,6 +618,7 @@ impl Engine {
                     };
                     match self.control.call(&req).await {
                         Ok(ControlResponse::Schedule(r)) => {
+                            sn_healthy = true;
                             if r.layout.is_some_and(|l| l != layout) {
                                 return Err(api_error(
                                     ErrorKind::OriginUnreachable,
@@ -626,7 +648,9 @@ impl Engine {
                                         piece: a.piece,
                                         expected: known.get(&a.piece).copied(),
                                     }),
-                                    PieceSource::OriginWhole => planned.push(Job::OriginWhole),
+                                    PieceSource::OriginWhole => {
+                                        planned.push(Job::OriginWhole(probe_body.take()))
+                                    }
                                 }
                             }
                             next_poll = if planned.is_empty() {
@@ -658,12 +682,21 @@ impl Engine {
                         }
                         Err(e) => {
                             tracing::info!(task = %id, error = %e, "supernode unavailable; continuing with known peers and the origin");
+                            if sn_healthy {
+                                origin_fallback_at = now + SUPERNODE_GRACE;
+                                sn_healthy = false;
+                            }
                             sn_ok = false;
-                            sn_retry_at = now + SUPERNODE_RETRY;
+                            sn_retry_at = if now < origin_fallback_at {
+                                now + Duration::from_millis(500)
+                            } else {
+                                now + SUPERNODE_RETRY
+                            };
                         }
                     }
                 }
                 if !sn_ok {
+                    let origin_allowed = now >= origin_fallback_at;
                     for piece in stored.missing().filter(|p| !busy.contains(*p)).take(slots) {
                         let ps = parents
                             .get(&piece)
@@ -680,8 +713,9 @@ impl Engine {
                                     parents: ps,
                                 });
                             }
+                            _ if !origin_allowed => {}
                             _ if !supports_range => {
-                                planned.push(Job::OriginWhole);
+                                planned.push(Job::OriginWhole(probe_body.take()));
                                 break;
                             }
                             expected => planned.push(Job::Origin {
@@ -700,7 +734,7 @@ impl Engine {
                             }
                             busy.insert(*piece);
                         }
-                        Job::OriginWhole => {
+                        Job::OriginWhole(_) => {
                             for p in stored.missing() {
                                 busy.insert(p);
                             }
@@ -870,8 +904,8 @@ impl Engine {
                 }
                 let _ = events.send(ev).await;
             }
-            Job::OriginWhole => {
-                self.fetch_whole(id, &h.request.url, &headers, layout, &known, &events)
+            Job::OriginWhole(body) => {
+                self.fetch_whole(&h, &headers, layout, &known, body, &events)
                     .await
             }
         }
@@ -1005,7 +1039,7 @@ impl Engine {
                 busy: false,
             };
         };
-        let data = match self.origin.fetch_range(url, headers, offset, len).await {
+        let (data, digest) = match self.origin.fetch_range(url, headers, offset, len).await {
             Ok(d) => d,
             Err(e) => {
                 self.metrics.failed("origin");
@@ -1018,15 +1052,6 @@ impl Engine {
                     busy: false,
                 };
             }
-        };
-        let check = data.clone();
-        let Ok(digest) = Self::blocking(move || Sha256Digest::from(Sha256::digest(&check))).await
-        else {
-            return Event::Failed {
-                piece,
-                fatal: None,
-                busy: false,
-            };
         };
         if expected.is_some_and(|e| e != digest) {
             tracing::warn!(task = %id, %piece, "origin piece differs from the recorded digest");
@@ -1059,13 +1084,14 @@ impl Engine {
     /// pieces as it goes.
     async fn fetch_whole(
         &self,
-        id: TaskId,
-        url: &str,
+        h: &TaskHandle,
         headers: &HeaderMap,
         layout: PieceLayout,
         known: &HashMap<PieceIndex, Sha256Digest>,
+        body: Option<BodyStream>,
         events: &mpsc::Sender<Event>,
     ) {
+        let (id, url) = (h.id, h.request.url.as_str());
         let stored = self.store.stored(&id).unwrap_or_default();
         let mut next = PieceIndex(0);
         let fail_rest = |from: u32, fatal: Option<ApiError>| {
@@ -1085,8 +1111,12 @@ impl Engine {
                 }
             }
         };
-        let mut body = match self.origin.fetch_all(url, headers).await {
-            Ok(b) => Box::pin(b),
+        let opened = match body {
+            Some(b) => Ok(b),
+            None => self.origin.fetch_all(url, headers).await,
+        };
+        let mut body = match opened {
+            Ok(b) => b,
             Err(e) => {
                 let fatal =
                     matches!(&e, OriginError::Status { status, .. } if (400..500).contains(status))

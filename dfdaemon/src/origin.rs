@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use proto::Sha256Digest;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, HeaderName, HeaderValue, RANGE};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Connecting to the origin may take this long before the attempt counts as failed.
@@ -28,10 +30,16 @@ pub enum OriginError {
     BadHeader(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A whole-content body being received from the origin.
+pub type BodyStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, OriginError>> + Send>>;
+
 pub struct Probe {
     pub content_length: u64,
     pub supports_range: bool,
+    /// An origin without Range support answered the probe with the whole body: kept, so
+    /// the content is streamed from this one request instead of being asked for twice.
+    pub body: Option<BodyStream>,
 }
 
 #[derive(Clone)]
@@ -91,6 +99,7 @@ impl Origin {
                 Ok(Probe {
                     content_length: total,
                     supports_range: true,
+                    body: None,
                 })
             }
             200 => {
@@ -104,16 +113,17 @@ impl Origin {
                             "origin sent neither a range nor a Content-Length".into(),
                         )
                     })?;
-                // Dropping the response closes the connection before the body is read.
                 Ok(Probe {
                     content_length: len,
                     supports_range: false,
+                    body: Some(Box::pin(resp.bytes_stream().map(|c| c.map_err(send_error)))),
                 })
             }
             // Range on an empty file.
             416 => Ok(Probe {
                 content_length: 0,
                 supports_range: true,
+                body: None,
             }),
             _ => Err(OriginError::Status {
                 status,
@@ -122,14 +132,14 @@ impl Origin {
         }
     }
 
-    /// Fetches exactly `len` bytes at `offset` by Range.
+    /// Fetches exactly `len` bytes at `offset` by Range, hashing them as they arrive.
     pub async fn fetch_range(
         &self,
         url: &str,
         headers: &HeaderMap,
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, OriginError> {
+    ) -> Result<(Bytes, Sha256Digest), OriginError> {
         let last = offset + u64::from(len) - 1;
         let resp = self
             .client
@@ -147,6 +157,7 @@ impl Origin {
             });
         }
         let mut buf = BytesMut::with_capacity(len as usize);
+        let mut hasher = Sha256::new();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(send_error)?;
@@ -155,6 +166,7 @@ impl Origin {
                     "range answer longer than {len} bytes"
                 )));
             }
+            hasher.update(&chunk);
             buf.extend_from_slice(&chunk);
         }
         if buf.len() != len as usize {
@@ -163,7 +175,7 @@ impl Origin {
                 buf.len()
             )));
         }
-        Ok(buf.freeze())
+        Ok((buf.freeze(), Sha256Digest::from(hasher.finalize())))
     }
 
     /// The whole body, for origins without Range support.
@@ -171,8 +183,7 @@ impl Origin {
         &self,
         url: &str,
         headers: &HeaderMap,
-    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, OriginError>> + use<>, OriginError>
-    {
+    ) -> Result<BodyStream, OriginError> {
         let resp = self
             .client
             .get(url)
@@ -187,6 +198,6 @@ impl Origin {
                 url: url.to_string(),
             });
         }
-        Ok(resp.bytes_stream().map(|c| c.map_err(send_error)))
+        Ok(Box::pin(resp.bytes_stream().map(|c| c.map_err(send_error))))
     }
 }

@@ -222,23 +222,31 @@ impl PeerClient {
                     want: len,
                 });
             }
-            let mut buf = BytesMut::zeroed(len as usize);
-            recv.read_exact(&mut buf)
-                .await
-                .map_err(|e| frame(e.into()))?;
-            Ok(buf.freeze())
+            // Take quinn's chunks as they arrive and hash them while they are still in
+            // cache: one copy into the piece buffer, no second pass over memory.
+            let mut buf = BytesMut::with_capacity(len as usize);
+            let mut hasher = Sha256::new();
+            while buf.len() < len as usize {
+                let chunk = recv
+                    .read_chunk(len as usize - buf.len(), true)
+                    .await
+                    .map_err(|e| PeerError::Stream {
+                        addr,
+                        reason: e.to_string(),
+                    })?
+                    .ok_or(PeerError::Length {
+                        addr,
+                        got: buf.len() as u32,
+                        want: len,
+                    })?;
+                hasher.update(&chunk.bytes);
+                buf.extend_from_slice(&chunk.bytes);
+            }
+            Ok((buf.freeze(), Sha256Digest::from(hasher.finalize())))
         };
-        let data = tokio::time::timeout(PIECE_TIMEOUT, work)
+        let (data, actual) = tokio::time::timeout(PIECE_TIMEOUT, work)
             .await
             .map_err(|_| PeerError::Timeout { addr })??;
-        let check = data.clone();
-        let actual =
-            tokio::task::spawn_blocking(move || Sha256Digest::from(Sha256::digest(&check)))
-                .await
-                .map_err(|e| PeerError::Stream {
-                    addr,
-                    reason: e.to_string(),
-                })?;
         if actual != digest {
             return Err(PeerError::DigestMismatch { addr });
         }

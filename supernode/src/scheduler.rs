@@ -456,6 +456,14 @@ impl Scheduler {
         )?;
         task.record.layout = Some(layout);
         task.record.supports_range = supports_range;
+        if !supports_range {
+            // The prober already holds the origin's whole body (its probe got a 200), so
+            // it streams the content; nobody else asks the origin meanwhile.
+            task.whole_lease = Some(Lease {
+                host: host.clone(),
+                expires: now + self.cfg.origin_lease,
+            });
+        }
         task.record.digests = vec![None; layout.piece_count() as usize];
         task.probe = None;
         for p in task.peers.values_mut() {
@@ -681,6 +689,7 @@ impl Scheduler {
         let mut assignments = Vec::new();
         let requester = self.hosts.get(host);
         let mut first_choices = Vec::new();
+        let mut whole_assigned = false;
         for piece in order {
             if assignments.len() >= max {
                 break;
@@ -702,10 +711,9 @@ impl Scheduler {
             if !task.record.supports_range {
                 match &task.whole_lease {
                     Some(l) if l.live(now) && &l.host != host => continue,
-                    Some(l) if l.live(now) => {
-                        // Already streaming it; nothing else to hand out from the origin.
-                        continue;
-                    }
+                    // The holder is streaming it (the piece is busy on its side); nothing
+                    // else to hand out from the origin.
+                    Some(l) if l.live(now) && (busy.contains(piece) || whole_assigned) => continue,
                     _ => {
                         task.whole_lease = Some(Lease {
                             host: host.clone(),
@@ -715,6 +723,8 @@ impl Scheduler {
                             piece,
                             source: PieceSource::OriginWhole,
                         });
+                        // One stream covers every piece nobody else holds.
+                        whole_assigned = true;
                         continue;
                     }
                 }
@@ -1110,6 +1120,18 @@ mod tests {
         let r1 = schedule(&mut s, 1, &PieceSet::new(8), now);
         assert!(r1.assignments.is_empty());
         assert!(r1.retry_after_ms > 0);
+        // While the holder streams (its pieces busy), nothing more is handed out.
+        let r0 = s
+            .handle_schedule(
+                &host(0),
+                task(),
+                PieceSet::new(8),
+                &PieceSet::full(8),
+                16,
+                now,
+            )
+            .unwrap();
+        assert!(r0.assignments.is_empty());
     }
 
     #[test]

@@ -345,7 +345,13 @@ fn origin_without_range_is_streamed_once_and_shared() {
         );
     }
     let ratio = origin.bytes_sent() as f64 / (40 * MIB) as f64;
-    eprintln!("no-range origin sent {ratio:.3} x file size");
-    // One full stream, plus what the one-byte probe's 200 answer pushed before hang-up.
-    assert!(ratio <= 1.1, "origin sent {ratio:.3} x the file");
+    eprintln!(
+        "no-range origin sent {ratio:.3} x file size in {} requests",
+        origin.requests()
+    );
+    for d in &daemons {
+        eprintln!("{}: {}", d.host_id, d.task().unwrap());
+    }
+    // The probe's 200 answer is the one stream every piece comes from.
+    assert!(ratio <= 1.05, "origin sent {ratio:.3} x the file");
 }
