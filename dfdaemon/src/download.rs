@@ -76,6 +76,8 @@ const SUPERNODE_RETRY: Duration = Duration::from_secs(3);
 const SUPERNODE_GRACE: Duration = Duration::from_secs(3);
 /// Attempts at one piece before the download fails.
 const MAX_PIECE_ATTEMPTS: u32 = 12;
+/// How long the last fetch jobs get to report after every piece is stored.
+const JOB_DRAIN: Duration = Duration::from_secs(5);
 /// Rounds through a piece's parents while all of them answer `Busy`.
 const BUSY_ROUNDS: u32 = 4;
 /// Wait before the next round, times the round number.
@@ -782,13 +784,20 @@ impl Engine {
                 ));
             }
         }
-        // Jobs still running fetch pieces nobody needs any more; results already queued
-        // still count (metrics, announcements, progress).
-        jobs.shutdown().await;
+        // Every piece is in the store, but the events of the last jobs may still be on
+        // their way: each one must be applied (announced, counted), or the last piece would
+        // never be announced and others would go to the origin for it. Each job holds a
+        // sender, so the channel closes when the last job is done.
         drop(ev_tx);
-        while let Ok(ev) = ev_rx.try_recv() {
-            let _ = self.on_event(h, ev, &mut busy, &mut known, &mut attempts, &ann_tx);
+        let drain = async {
+            while let Some(ev) = ev_rx.recv().await {
+                let _ = self.on_event(h, ev, &mut busy, &mut known, &mut attempts, &ann_tx);
+            }
+        };
+        if tokio::time::timeout(JOB_DRAIN, drain).await.is_err() {
+            tracing::debug!(task = %id, "fetch jobs still running after completion; stopping them");
         }
+        jobs.shutdown().await;
         let stored_now = self.store.stored(&id).unwrap_or_default();
         h.progress.send_modify(|p| p.stored = stored_now);
         // Let the announcer send what is queued; it ends when the channel is drained.

@@ -104,6 +104,41 @@ fn bare_quinn(size: usize) -> Duration {
     })
 }
 
+/// Writes `size` bytes as 4 MiB pieces from 16 threads into a new sparse file, as the
+/// piece store does: the storage bound of a fetching daemon on this machine.
+fn bare_store_writes(dir: &std::path::Path, size: usize) -> Duration {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("pwrite.bin");
+    let _ = std::fs::remove_file(&path);
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(size as u64).unwrap();
+    let piece = vec![5u8; 4 * MIB];
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= size / (4 * MIB) {
+                        break;
+                    }
+                    f.write_all_at(&piece, (i * 4 * MIB) as u64).unwrap();
+                }
+            });
+        }
+    });
+    let el = t.elapsed();
+    let _ = std::fs::remove_file(&path);
+    el
+}
+
 fn rate(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
@@ -154,6 +189,8 @@ fn main() {
     assert_eq!(from_peers as usize, size, "all bytes came from the peer");
     settle();
     let quinn_time = best_of(3, || bare_quinn(size));
+    settle();
+    let pwrite_time = bare_store_writes(root.path(), size);
     settle();
 
     // Cached fetch vs cat, both piped into `cat > /dev/null`.
@@ -216,6 +253,11 @@ fn main() {
         p2p_time.as_secs_f64(),
         rate(size, p2p_time),
         quinn_time.as_secs_f64() / p2p_time.as_secs_f64()
+    );
+    println!(
+        "| bare page-cache writes, 16 threads x 4 MiB pwrite, new file | {:.3} s | {:.0} | |",
+        pwrite_time.as_secs_f64(),
+        rate(size, pwrite_time)
     );
     println!(
         "| CPU during daemon-to-daemon: serving daemon {c0:.2} s, fetching daemon {c1:.2} s, over {:.2} s wall (2 cores) | | | |",
