@@ -920,17 +920,33 @@ impl Engine {
         }
     }
 
+    /// Writes a verified piece to the store; the event says how that went.
     async fn store_piece(
         &self,
         id: TaskId,
         piece: PieceIndex,
         data: Bytes,
         digest: Sha256Digest,
-    ) -> Result<(), ApiError> {
+        source: AnnounceSource,
+    ) -> Event {
+        let bytes = data.len() as u64;
         let store = self.store.clone();
-        Self::blocking(move || store.write_piece(&id, piece, &data, digest))
-            .await?
-            .map_err(|e| store_api_error(&e))
+        let written = Self::blocking(move || store.write_piece(&id, piece, &data, digest))
+            .await
+            .and_then(|r| r.map_err(|e| store_api_error(&e)));
+        match written {
+            Ok(()) => Event::Stored {
+                piece,
+                digest,
+                source,
+                bytes,
+            },
+            Err(e) => Event::Failed {
+                piece,
+                fatal: Some(e),
+                busy: false,
+            },
+        }
     }
 
     async fn fetch_from_parents(
@@ -955,23 +971,12 @@ impl Engine {
                 let started = Instant::now();
                 match self.peers.fetch(parent.addr, id, piece, len, digest).await {
                     Ok(data) => {
-                        let bytes = data.len() as u64;
                         let fetched = started.elapsed();
-                        let stored = self.store_piece(id, piece, data, digest).await;
+                        let ev = self
+                            .store_piece(id, piece, data, digest, AnnounceSource::Peer)
+                            .await;
                         tracing::debug!(task = %id, %piece, parent = %parent.host, ?fetched, store = ?(started.elapsed() - fetched), "piece from parent");
-                        return match stored {
-                            Ok(()) => Event::Stored {
-                                piece,
-                                digest,
-                                source: AnnounceSource::Peer,
-                                bytes,
-                            },
-                            Err(e) => Event::Failed {
-                                piece,
-                                fatal: Some(e),
-                                busy: false,
-                            },
-                        };
+                        return ev;
                     }
                     Err(PeerError::Busy { .. }) => {
                         self.metrics.failed("busy");
@@ -1073,20 +1078,8 @@ impl Engine {
                 busy: false,
             };
         }
-        let bytes = data.len() as u64;
-        match self.store_piece(id, piece, data, digest).await {
-            Ok(()) => Event::Stored {
-                piece,
-                digest,
-                source: AnnounceSource::Origin,
-                bytes,
-            },
-            Err(e) => Event::Failed {
-                piece,
-                fatal: Some(e),
-                busy: false,
-            },
-        }
+        self.store_piece(id, piece, data, digest, AnnounceSource::Origin)
+            .await
     }
 
     /// Streams the whole content from an origin without Range support, cutting it into
@@ -1187,20 +1180,9 @@ impl Engine {
                     .await;
                 return;
             }
-            let bytes = data.len() as u64;
-            let ev = match self.store_piece(id, piece, data, digest).await {
-                Ok(()) => Event::Stored {
-                    piece,
-                    digest,
-                    source: AnnounceSource::Origin,
-                    bytes,
-                },
-                Err(e) => Event::Failed {
-                    piece,
-                    fatal: Some(e),
-                    busy: false,
-                },
-            };
+            let ev = self
+                .store_piece(id, piece, data, digest, AnnounceSource::Origin)
+                .await;
             if events.send(ev).await.is_err() {
                 return;
             }
