@@ -111,19 +111,13 @@ async fn download(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Re
         Ok(l) => l,
         Err(e) => return error_response(e),
     };
-    let count = layout.piece_count();
-    let hold_last = req.digest.is_some();
-    let engine = s.engine.clone();
-    let stream =
-        futures_util::stream::iter(0..count)
-            .map(move |i| {
-                let engine = engine.clone();
-                let req = req.clone();
-                async move {
-                    read_in_order(engine, req, PieceIndex(i), hold_last && i + 1 == count).await
-                }
-            })
-            .buffered(READ_AHEAD);
+    let stream = content_stream(
+        s.engine.clone(),
+        req,
+        layout,
+        0..layout.content_length,
+        None,
+    );
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_LENGTH, layout.content_length)
@@ -131,6 +125,50 @@ async fn download(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Re
         .header(TASK_ID_HEADER, h.id.to_string())
         .body(Body::from_stream(stream))
         .unwrap_or_else(|e| error_response(api_error(ErrorKind::Internal, e.to_string())))
+}
+
+/// The verified bytes `range` of a download, in order, as pieces land. With `stall`, a
+/// piece that does not arrive in that long ends the stream with an error (so a client
+/// that can fall back, like containerd, does instead of waiting).
+pub fn content_stream(
+    engine: Arc<Engine>,
+    req: DownloadRequest,
+    layout: proto::PieceLayout,
+    range: std::ops::Range<u64>,
+    stall: Option<std::time::Duration>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    let count = layout.piece_count();
+    let hold_last = req.digest.is_some();
+    let piece_size = u64::from(layout.piece_size);
+    let (first, last) = if range.is_empty() {
+        (1, 0)
+    } else {
+        (
+            (range.start / piece_size) as u32,
+            ((range.end - 1) / piece_size) as u32,
+        )
+    };
+    futures_util::stream::iter(first..=last)
+        .map(move |i| {
+            let engine = engine.clone();
+            let req = req.clone();
+            let range = range.clone();
+            async move {
+                let read = read_in_order(engine, req, PieceIndex(i), hold_last && i + 1 == count);
+                let data = match stall {
+                    Some(t) => tokio::time::timeout(t, read)
+                        .await
+                        .map_err(|_| io_err(format!("piece {i} made no progress in {t:?}")))??,
+                    None => read.await?,
+                };
+                // Trim the first and last piece to the requested range.
+                let start = u64::from(i) * piece_size;
+                let from = range.start.saturating_sub(start) as usize;
+                let to = ((range.end - start) as usize).min(data.len());
+                Ok(data.slice(from..to))
+            }
+        })
+        .buffered(READ_AHEAD)
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {

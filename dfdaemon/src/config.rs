@@ -10,6 +10,10 @@ use serde::Deserialize;
 
 use crate::download::EngineConfig;
 
+/// Registry mirror for containerd (TCP), loopback: only this node's containerd uses it.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:65001";
+/// A mirrored blob that makes no progress this long is aborted so containerd falls back.
+pub const DEFAULT_MIRROR_NO_PROGRESS: Duration = Duration::from_secs(10);
 /// Peer QUIC port (UDP), as in Dragonfly.
 pub const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:65000";
 pub const DEFAULT_API_SOCK: &str = "/run/dfp2p/dfdaemon.sock";
@@ -37,6 +41,13 @@ pub struct FileConfig {
     pub upload_slots: Option<u32>,
     pub concurrent_pieces: Option<usize>,
     pub stall_timeout_secs: Option<u64>,
+    pub proxy_listen: Option<SocketAddr>,
+    pub default_registry: Option<String>,
+    #[serde(default)]
+    pub allow_registries: Vec<String>,
+    #[serde(default)]
+    pub plain_http_registries: Vec<String>,
+    pub mirror_no_progress_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +71,7 @@ pub struct DaemonConfig {
     pub quota: u64,
     pub upload_slots: u32,
     pub engine: EngineConfig,
+    pub mirror: crate::mirror::MirrorConfig,
 }
 
 /// Parses "20GiB", "512MiB", "10GB", "4096" into bytes.
@@ -110,6 +122,10 @@ pub struct Overrides {
     pub ca_key: Option<PathBuf>,
     pub quota: Option<String>,
     pub upload_slots: Option<u32>,
+    pub proxy_listen: Option<SocketAddr>,
+    pub default_registry: Option<String>,
+    pub allow_registries: Vec<String>,
+    pub plain_http_registries: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -158,7 +174,26 @@ impl DaemonConfig {
         if let Some(s) = file.stall_timeout_secs {
             engine.stall_timeout = Duration::from_secs(s.max(1));
         }
+        let mut allow = file.allow_registries;
+        allow.extend(flags.allow_registries);
+        let mut plain_http = file.plain_http_registries;
+        plain_http.extend(flags.plain_http_registries);
+        let mirror = crate::mirror::MirrorConfig {
+            listen: flags
+                .proxy_listen
+                .or(file.proxy_listen)
+                .unwrap_or_else(|| DEFAULT_PROXY_LISTEN.parse().expect("const addr")),
+            default_registry: flags.default_registry.or(file.default_registry),
+            allow,
+            plain_http,
+            no_progress: file
+                .mirror_no_progress_secs
+                .map_or(DEFAULT_MIRROR_NO_PROGRESS, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+        };
         let cfg = Self {
+            mirror,
             supernode: match flags.supernode.or(file.supernode) {
                 Some(a) => SupernodeMode::External(a),
                 None => SupernodeMode::Embedded,

@@ -311,7 +311,10 @@ impl Engine {
     }
 
     pub fn task_id(req: &DownloadRequest) -> TaskId {
-        TaskId::for_url(&req.url, DEFAULT_FILTERED_QUERY, req.digest.as_ref())
+        match (&req.digest, req.content_addressed) {
+            (Some(d), true) => TaskId::for_content(d),
+            _ => TaskId::for_url(&req.url, DEFAULT_FILTERED_QUERY, req.digest.as_ref()),
+        }
     }
 
     pub fn status(&self, id: &TaskId) -> Option<TaskStatus> {

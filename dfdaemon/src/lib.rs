@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod download;
 pub mod metrics;
+pub mod mirror;
 pub mod origin;
 pub mod peer;
 pub mod store;
@@ -68,6 +69,13 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("binding registry mirror {addr}: {source}")]
+    BindProxy {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("registry mirror HTTP client: {0}")]
+    MirrorClient(#[from] reqwest::Error),
     #[error("binding API socket {path}: {source}")]
     BindApi {
         path: PathBuf,
@@ -81,6 +89,7 @@ pub enum DaemonError {
 
 pub struct Daemon {
     pub peer_addr: SocketAddr,
+    pub proxy_addr: SocketAddr,
     pub api_sock: PathBuf,
     pub supernode_addr: SocketAddr,
     /// The embedded supernode's HTTP API, when running one.
@@ -252,6 +261,35 @@ impl Daemon {
                 source,
             }
         })?;
+        // Registry mirror.
+        let proxy = tokio::net::TcpListener::bind(cfg.mirror.listen)
+            .await
+            .map_err(|source| DaemonError::BindProxy {
+                addr: cfg.mirror.listen,
+                source,
+            })?;
+        let proxy_addr = proxy
+            .local_addr()
+            .map_err(|source| DaemonError::BindProxy {
+                addr: cfg.mirror.listen,
+                source,
+            })?;
+        let mirror_app = mirror::router(mirror::MirrorState::new(
+            engine.clone(),
+            cfg.mirror.clone(),
+            metrics.clone(),
+        )?);
+        {
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                if let Err(e) = axum::serve(proxy, mirror_app)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await
+                {
+                    tracing::error!(error = %e, "registry mirror stopped");
+                }
+            });
+        }
         let app = api::router(Arc::new(api::ApiState { engine, metrics }));
         {
             let cancel = cancel.clone();
@@ -272,9 +310,10 @@ impl Daemon {
             });
         }
         tracing::info!(host = %cfg.host_id, %peer_addr, api = %cfg.api_sock.display(), supernode = %supernode_addr,
-            embedded = embedded.is_some(), "dfdaemon started");
+            embedded = embedded.is_some(), mirror = %proxy_addr, "dfdaemon started");
         Ok(Self {
             peer_addr,
+            proxy_addr,
             api_sock: cfg.api_sock,
             supernode_addr,
             supernode_api,

@@ -49,6 +49,18 @@ struct Args {
     /// Concurrent piece uploads to other daemons [default: 16]
     #[arg(long)]
     upload_slots: Option<u32>,
+    /// Registry mirror for containerd (OCI pull API) [default: 127.0.0.1:65001]
+    #[arg(long)]
+    proxy_listen: Option<std::net::SocketAddr>,
+    /// Registry used when a mirror request has no ?ns= (e.g. registry-1.docker.io)
+    #[arg(long)]
+    default_registry: Option<String>,
+    /// Registry the mirror may reach when listening beyond loopback; repeatable
+    #[arg(long = "allow-registry")]
+    allow_registries: Vec<String>,
+    /// Registry spoken to over plain HTTP (loopback registries always are); repeatable
+    #[arg(long = "plain-http-registry")]
+    plain_http_registries: Vec<String>,
     /// Log one JSON object per line instead of text
     #[arg(long)]
     log_json: bool,
@@ -78,6 +90,10 @@ async fn main() -> anyhow::Result<()> {
         ca_key: args.ca_key,
         quota: args.quota,
         upload_slots: args.upload_slots,
+        proxy_listen: args.proxy_listen,
+        default_registry: args.default_registry,
+        allow_registries: args.allow_registries,
+        plain_http_registries: args.plain_http_registries,
     };
     let cfg = DaemonConfig::resolve(file, flags)
         .map_err(|errs| anyhow!("invalid configuration:\n  {}", errs.join("\n  ")))?;

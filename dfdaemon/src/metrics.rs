@@ -29,6 +29,8 @@ pub struct Metrics {
     pub corrupt_local_pieces: Counter,
     pub downloads: Family<ReasonLabels, Counter>,
     pub supernode_up: Gauge,
+    /// Registry mirror requests by kind (`manifest`, `blob`).
+    pub mirror_requests: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -88,7 +90,14 @@ impl Default for Metrics {
             "1 while the supernode answers",
             supernode_up.clone(),
         );
+        let mirror_requests = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mirror_requests",
+            "Registry mirror requests by kind",
+            mirror_requests.clone(),
+        );
         Self {
+            mirror_requests,
             registry,
             piece_bytes,
             pieces,

@@ -230,6 +230,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         url: args.url.clone(),
         headers,
         digest,
+        content_addressed: false,
     };
     let body = serde_json::to_vec(&req).map_err(|e| Failure::new(1, e.to_string()))?;
 

@@ -23,6 +23,10 @@ pub struct DownloadRequest {
     /// Expected sha256 of the whole content; checked before the download counts as done.
     #[serde(default)]
     pub digest: Option<Sha256Digest>,
+    /// The content is identified by `digest` alone (an OCI blob): the same bytes fetched
+    /// through any registry, mirror or redirect are one task.
+    #[serde(default)]
+    pub content_addressed: bool,
 }
 
 /// What went wrong, in terms a user can act on. `dfget` prints `message` and picks its

@@ -89,7 +89,7 @@ pub fn random_bytes(len: usize, seed: u64) -> Bytes {
     Bytes::from(v)
 }
 
-fn free_tcp_port() -> u16 {
+pub fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -248,6 +248,8 @@ impl SupernodeProc {
 
 pub struct DaemonProc {
     pub proc: Proc,
+    /// The daemon's registry mirror (containerd's `hosts.toml` target).
+    pub proxy_addr: SocketAddr,
     pub host_id: String,
     pub data_dir: PathBuf,
     pub sock: PathBuf,
@@ -269,7 +271,21 @@ impl DaemonProc {
         let (ca_cert, ca_key) = supernode.ca();
         let peer_addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
         let sock = root.join(format!("{host_id}.sock"));
-        let mut args: Vec<String> = vec![
+        // A test may choose the mirror's listen address; reach it on loopback either way.
+        let chosen: Option<SocketAddr> = extra
+            .iter()
+            .position(|a| *a == "--proxy-listen")
+            .and_then(|i| extra.get(i + 1))
+            .and_then(|v| v.parse().ok());
+        let proxy_addr: SocketAddr = match chosen {
+            Some(a) => ([127, 0, 0, 1], a.port()).into(),
+            None => ([127, 0, 0, 1], free_tcp_port()).into(),
+        };
+        let mut args: Vec<String> = Vec::new();
+        if chosen.is_none() {
+            args.extend(["--proxy-listen".to_string(), proxy_addr.to_string()]);
+        }
+        args.extend::<Vec<String>>(vec![
             "--supernode".into(),
             supernode.control.to_string(),
             "--data-dir".into(),
@@ -284,11 +300,12 @@ impl DaemonProc {
             ca_cert.display().to_string(),
             "--ca-key".into(),
             ca_key.display().to_string(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = root.join(format!("{host_id}.log"));
         let mut d = Self {
             proc: Self::spawn(host_id, &args, &log)?,
+            proxy_addr,
             host_id: host_id.into(),
             data_dir,
             sock,
@@ -596,4 +613,208 @@ fn serve(
         .header(hyper::header::CONTENT_LENGTH, len)
         .body(data.clone())
         .expect("response")
+}
+
+/// One HTTP/1.1 request over TCP (Connection: close): status, headers (lower-case names),
+/// body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, HashMap<String, String>, Vec<u8>)> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no header end")?;
+    let text = String::from_utf8_lossy(&buf[..end]).to_string();
+    let mut lines = text.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("status")?
+        .parse()?;
+    let hdrs: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[end + 4..].to_vec();
+    if hdrs
+        .get("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        body = dechunk(&body)?;
+    }
+    Ok((status, hdrs, body))
+}
+
+/// A real registry (Debian's `docker-registry`, CNCF distribution) on loopback, behind a
+/// TCP proxy that counts the bytes the registry sends.
+pub struct Registry {
+    /// Where clients (the daemons' mirrors) reach it: the counting proxy.
+    pub addr: SocketAddr,
+    direct: SocketAddr,
+    sent: Arc<AtomicU64>,
+    _proc: Proc,
+}
+
+impl Registry {
+    pub fn start(dir: &Path, htpasswd: Option<&Path>) -> anyhow::Result<Self> {
+        let bin = Path::new("/usr/bin/docker-registry");
+        if !bin.exists() {
+            bail!(
+                "/usr/bin/docker-registry missing: install Debian's docker-registry (.ci/run does)"
+            );
+        }
+        let direct: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
+        let auth = htpasswd.map_or(String::new(), |p| {
+            format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                p.display()
+            )
+        });
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {direct}\n{auth}",
+            dir.join("data").display()
+        );
+        std::fs::create_dir_all(dir)?;
+        let cfg = dir.join("config.yml");
+        std::fs::write(&cfg, config)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg(&cfg);
+        let mut proc = Proc::spawn("registry", cmd, dir.join("registry.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(direct, "/v2/").is_err() {
+            if Instant::now() > deadline || !proc.is_running() {
+                bail!("registry did not start:\n{}", proc.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let sent = Arc::new(AtomicU64::new(0));
+        let addr = counting_proxy(direct, sent.clone())?;
+        Ok(Self {
+            addr,
+            direct,
+            sent,
+            _proc: proc,
+        })
+    }
+
+    /// Bytes the registry has sent through the proxy so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Uploads a blob (monolithic), returning its digest.
+    pub fn push_blob(&self, name: &str, data: &[u8], auth: Option<&str>) -> anyhow::Result<String> {
+        let digest = format!("sha256:{}", sha256_hex(data));
+        let mut h = vec![];
+        if let Some(a) = auth {
+            h.push(("Authorization", a));
+        }
+        let (st, hdrs, _) = http_request(
+            self.direct,
+            "POST",
+            &format!("/v2/{name}/blobs/uploads/"),
+            &h,
+            b"",
+        )?;
+        if st != 202 {
+            bail!("upload start: {st}");
+        }
+        let loc = hdrs.get("location").context("no upload location")?;
+        let loc = loc
+            .split_once("://")
+            .map_or(loc.as_str(), |(_, r)| r.find('/').map_or(r, |i| &r[i..]));
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let (st, _, body) = http_request(
+            self.direct,
+            "PUT",
+            &format!("{loc}{sep}digest={digest}"),
+            &h,
+            data,
+        )?;
+        if st != 201 {
+            bail!("upload: {st} {}", String::from_utf8_lossy(&body));
+        }
+        Ok(digest)
+    }
+
+    pub fn push_manifest(
+        &self,
+        name: &str,
+        tag: &str,
+        manifest: &[u8],
+        auth: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut h = vec![("Content-Type", "application/vnd.oci.image.manifest.v1+json")];
+        if let Some(a) = auth {
+            h.push(("Authorization", a));
+        }
+        let (st, _, body) = http_request(
+            self.direct,
+            "PUT",
+            &format!("/v2/{name}/manifests/{tag}"),
+            &h,
+            manifest,
+        )?;
+        if st != 201 {
+            bail!("manifest: {st} {}", String::from_utf8_lossy(&body));
+        }
+        Ok(format!("sha256:{}", sha256_hex(manifest)))
+    }
+}
+
+/// Forwards TCP connections to `to`, counting bytes flowing back from it.
+fn counting_proxy(to: SocketAddr, sent: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(to) else {
+                continue;
+            };
+            let (mut c_read, mut s_write) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            let sent = sent.clone();
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match s_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            sent.fetch_add(n as u64, Ordering::Relaxed);
+                            if c_write.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
 }

@@ -295,6 +295,8 @@ fn embedded_supernode_default_serves_a_file() {
         .arg("--api-sock")
         .arg(&sock)
         .arg("--peer-listen")
+        .arg("127.0.0.1:0")
+        .arg("--proxy-listen")
         .arg("127.0.0.1:0");
     let _d = tests::Proc::spawn_cmd("embedded", cmd, root.path().join("d.log")).unwrap();
     wait_for("embedded daemon", Duration::from_secs(20), || {

@@ -1,0 +1,234 @@
+//! The registry mirror against a real registry (Debian's docker-registry): blobs through
+//! the P2P engine, verified, ranged; manifests and tags passed through; clear errors.
+
+use std::time::Duration;
+
+use tests::{DaemonProc, Registry, SupernodeProc, http_request, random_bytes, sha256_hex};
+
+const MIB: usize = 1 << 20;
+
+struct Image {
+    name: String,
+    tag: String,
+    manifest_digest: String,
+    blobs: Vec<(String, bytes::Bytes)>,
+    size: usize,
+}
+
+fn push_image(reg: &Registry, name: &str, layers: usize, layer_mib: usize) -> Image {
+    let mut blobs = Vec::new();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"seed":"{name}"}}"#
+    );
+    let config = bytes::Bytes::from(config);
+    let config_digest = reg.push_blob(name, &config, None).unwrap();
+    blobs.push((config_digest.clone(), config.clone()));
+    let mut layer_json = Vec::new();
+    for i in 0..layers {
+        let data = random_bytes(layer_mib * MIB + i * 1000, 100 + i as u64);
+        let d = reg.push_blob(name, &data, None).unwrap();
+        layer_json.push(format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{}}}"#, data.len()));
+        blobs.push((d, data));
+    }
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{}]}}"#,
+        config.len(),
+        layer_json.join(",")
+    );
+    let manifest_digest = reg
+        .push_manifest(name, "v1", manifest.as_bytes(), None)
+        .unwrap();
+    let size = blobs.iter().map(|(_, b)| b.len()).sum();
+    Image {
+        name: name.into(),
+        tag: "v1".into(),
+        manifest_digest,
+        blobs,
+        size,
+    }
+}
+
+/// What containerd does against a mirror: HEAD the tag, GET the manifest by digest, GET
+/// every blob. Checks each answer.
+fn pull(d: &DaemonProc, reg: &Registry, img: &Image) {
+    let ns = format!("ns={}", reg.addr);
+    let (st, h, _) = http_request(
+        d.proxy_addr,
+        "HEAD",
+        &format!("/v2/{}/manifests/{}?{ns}", img.name, img.tag),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(h.get("docker-content-digest"), Some(&img.manifest_digest));
+    assert!(h.contains_key("content-length"));
+    let (st, _, body) = http_request(
+        d.proxy_addr,
+        "GET",
+        &format!("/v2/{}/manifests/{}?{ns}", img.name, img.manifest_digest),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), img.manifest_digest);
+    for (digest, data) in &img.blobs {
+        let (st, h, body) = http_request(
+            d.proxy_addr,
+            "GET",
+            &format!("/v2/{}/blobs/{digest}?{ns}", img.name),
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(
+            st,
+            200,
+            "{digest}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        );
+        assert_eq!(h.get("docker-content-digest"), Some(digest));
+        assert_eq!(body.len(), data.len());
+        assert_eq!(format!("sha256:{}", sha256_hex(&body)), *digest);
+    }
+}
+
+#[test]
+fn blobs_leave_the_registry_about_once_for_three_mirrors() {
+    let root = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+    let img = push_image(&reg, "team/app", 3, 8);
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let daemons: Vec<DaemonProc> = (0..3)
+        .map(|i| DaemonProc::start(&sn, root.path(), &format!("m{i}"), &[]).unwrap())
+        .collect();
+    let before = reg.bytes_sent();
+    std::thread::scope(|s| {
+        for d in &daemons {
+            let (reg, img) = (&reg, &img);
+            s.spawn(move || pull(d, reg, img));
+        }
+    });
+    let sent = reg.bytes_sent() - before;
+    let ratio = sent as f64 / img.size as f64;
+    eprintln!(
+        "registry sent {sent} bytes for 3 pulls of {} = {ratio:.3} x the image",
+        img.size
+    );
+    assert!(
+        ratio <= 1.1,
+        "registry sent {ratio:.3} x the image for three pulls"
+    );
+
+    // Ranged reads, as a resuming containerd sends them.
+    let (digest, data) = &img.blobs[1];
+    let ns = format!("ns={}", reg.addr);
+    let (st, h, body) = http_request(
+        daemons[0].proxy_addr,
+        "GET",
+        &format!("/v2/{}/blobs/{digest}?{ns}", img.name),
+        &[("Range", "bytes=5000000-")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 206);
+    assert_eq!(
+        h.get("content-range").unwrap(),
+        &format!("bytes 5000000-{}/{}", data.len() - 1, data.len())
+    );
+    assert_eq!(&body[..], &data[5_000_000..]);
+    let (st, _, _) = http_request(
+        daemons[0].proxy_addr,
+        "GET",
+        &format!("/v2/{}/blobs/{digest}?{ns}", img.name),
+        &[("Range", &format!("bytes={}-", data.len()))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 416);
+}
+
+#[test]
+fn mirror_errors_are_clear_and_quick() {
+    let root = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+    let img = push_image(&reg, "small", 1, 1);
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let d = DaemonProc::start(&sn, root.path(), "m0", &[]).unwrap();
+    let ns = format!("ns={}", reg.addr);
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let get = |path: &str| http_request(d.proxy_addr, "GET", path, &[], b"").unwrap().0;
+    assert_eq!(get("/v2/"), 200);
+    assert_eq!(
+        get(&format!("/v2/{}/blobs/{missing}?{ns}", img.name)),
+        404,
+        "unknown blob"
+    );
+    assert_eq!(
+        get(&format!("/v2/{}/manifests/nope?{ns}", img.name)),
+        404,
+        "unknown tag"
+    );
+    assert_eq!(
+        get(&format!("/v2/../etc/passwd?{ns}")),
+        400,
+        "malformed path"
+    );
+    assert_eq!(
+        get(&format!("/v2/{}/blobs/latest?{ns}", img.name)),
+        400,
+        "blob by tag"
+    );
+    assert_eq!(
+        get(&format!("/v2/{}/manifests/v1", img.name)),
+        400,
+        "no ns, no default registry"
+    );
+    assert_eq!(
+        http_request(
+            d.proxy_addr,
+            "POST",
+            &format!("/v2/{}/blobs/uploads/?{ns}", img.name),
+            &[],
+            b""
+        )
+        .unwrap()
+        .0,
+        405
+    );
+    let t = std::time::Instant::now();
+    assert_eq!(
+        get(&format!("/v2/{}/manifests/v1?ns=127.0.0.1:1", img.name)),
+        502,
+        "dead upstream"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "dead upstream answered fast"
+    );
+
+    // Bound beyond loopback, the mirror only reaches allowlisted registries.
+    let allowed = reg.addr.to_string();
+    let listen = format!("0.0.0.0:{}", tests::free_tcp_port());
+    let guarded = DaemonProc::start(
+        &sn,
+        root.path(),
+        "m1",
+        &["--proxy-listen", &listen, "--allow-registry", &allowed],
+    )
+    .unwrap();
+    let head = |ns: &str| {
+        http_request(
+            guarded.proxy_addr,
+            "HEAD",
+            &format!("/v2/{}/manifests/v1?ns={ns}", img.name),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            b"",
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(head("registry.example.com"), 403, "not on the allowlist");
+    assert_eq!(head(&allowed), 200, "on the allowlist");
+}
