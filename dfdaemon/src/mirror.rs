@@ -119,13 +119,18 @@ struct Target {
     reference: String,
 }
 
+/// OCI repository names: `/`-separated components of `[a-z0-9._-]` that start and end
+/// with a letter or digit (so no `..`, no empty component).
 fn valid_name(name: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     !name.is_empty()
         && name.len() <= 255
         && name.split('/').all(|c| {
-            !c.is_empty()
-                && c.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            let b = c.as_bytes();
+            !b.is_empty()
+                && alnum(b[0])
+                && alnum(b[b.len() - 1])
+                && b.iter().all(|&x| alnum(x) || b"._-".contains(&x))
         })
 }
 

@@ -232,3 +232,56 @@ fn mirror_errors_are_clear_and_quick() {
     assert_eq!(head("registry.example.com"), 403, "not on the allowlist");
     assert_eq!(head(&allowed), 200, "on the allowlist");
 }
+
+fn basic(user: &str, pass: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let input = format!("{user}:{pass}").into_bytes();
+    let mut out = String::new();
+    for c in input.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    format!("Basic {out}")
+}
+
+#[test]
+fn private_repository_needs_credentials_even_from_the_cache() {
+    let root = tempfile::tempdir().unwrap();
+    let htpasswd = root.path().join("htpasswd");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    std::fs::write(&htpasswd, format!("alice:{hash}\n")).unwrap();
+    let reg = Registry::start(&root.path().join("registry"), Some(&htpasswd)).unwrap();
+    let good = basic("alice", "s3cret");
+    let bad = basic("alice", "wrong");
+    let data = random_bytes(3 * MIB, 7);
+    let digest = reg.push_blob("private/app", &data, Some(&good)).unwrap();
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let d = DaemonProc::start(&sn, root.path(), "m0", &[]).unwrap();
+    let path = format!("/v2/private/app/blobs/{digest}?ns={}", reg.addr);
+    let get = |auth: Option<&str>| {
+        let h: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
+        http_request(d.proxy_addr, "GET", &path, &h, b"").unwrap()
+    };
+
+    let (st, h, _) = get(None);
+    assert_eq!(st, 401, "no credentials");
+    assert!(
+        h.get("www-authenticate")
+            .is_some_and(|v| v.starts_with("Basic")),
+        "challenge passed through: {h:?}"
+    );
+    let (st, _, body) = get(Some(&good));
+    assert_eq!(st, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), digest);
+    // Now the blob is cached on this daemon: still no bytes without valid credentials.
+    assert_eq!(get(None).0, 401, "cache hit does not bypass auth");
+    assert_eq!(get(Some(&bad)).0, 401, "wrong password");
+    assert_eq!(get(Some(&good)).0, 200);
+}
