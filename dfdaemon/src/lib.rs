@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod config;
+pub mod containerd;
 pub mod control;
 pub mod download;
 pub mod metrics;

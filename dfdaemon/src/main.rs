@@ -9,8 +9,10 @@ use dfdaemon::config::{DaemonConfig, FileConfig, Overrides};
 /// The dfp2p per-host daemon: piece store, P2P downloader, QUIC piece server and the
 /// local API for dfget. Without --supernode it runs its own in-process supernode.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file; flags override it. Unknown keys are rejected.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -66,9 +68,47 @@ struct Args {
     log_json: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Write containerd hosts.toml files that point pulls at this daemon's mirror, and
+    /// print the config_path line containerd's CRI plugin needs.
+    ContainerdConfig {
+        /// Registry host to mirror (e.g. docker.io, ghcr.io, 10.0.0.5:5000); repeatable.
+        /// Without it, a `_default` entry covers every registry.
+        #[arg(long = "registry")]
+        registries: Vec<String>,
+        /// Directory containerd reads hosts.toml files from [default: /etc/containerd/certs.d]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The mirror URL [default: http://127.0.0.1:65001]
+        #[arg(long, default_value = "http://127.0.0.1:65001")]
+        mirror: String,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::ContainerdConfig {
+        registries,
+        out,
+        mirror,
+    }) = &args.command
+    {
+        let out = out
+            .clone()
+            .unwrap_or_else(|| dfdaemon::containerd::DEFAULT_CERTS_DIR.into());
+        let written = dfdaemon::containerd::write_all(&out, registries, mirror)
+            .with_context(|| format!("writing hosts.toml files under {}", out.display()))?;
+        for p in &written {
+            eprintln!("wrote {}", p.display());
+        }
+        println!(
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"",
+            out.display()
+        );
+        return Ok(());
+    }
     supernode::init_tracing(args.log_json);
     let file: FileConfig = match &args.config {
         Some(p) => {
