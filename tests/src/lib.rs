@@ -818,3 +818,79 @@ fn counting_proxy(to: SocketAddr, sent: Arc<AtomicU64>) -> anyhow::Result<Socket
     });
     Ok(addr)
 }
+
+/// A real containerd (Debian's) with its own root, state, socket and `opt` path, and the
+/// CRI plugin off; driven with `ctr`.
+pub struct Containerd {
+    pub sock: PathBuf,
+    _proc: Proc,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        if !Path::new("/usr/bin/containerd").exists() {
+            bail!("/usr/bin/containerd missing: install Debian's containerd (.ci/run does)");
+        }
+        std::fs::create_dir_all(dir)?;
+        let sock = dir.join("containerd.sock");
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n[debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n",
+            d = dir.display(),
+            s = sock.display()
+        );
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, config)?;
+        let mut cmd = Command::new("/usr/bin/containerd");
+        cmd.arg("--config").arg(&cfg);
+        let mut proc = Proc::spawn("containerd", cmd, dir.join("containerd.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = Command::new("ctr")
+                .arg("-a")
+                .arg(&sock)
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline || !proc.is_running() {
+                bail!("containerd did not start:\n{}", proc.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self { sock, _proc: proc })
+    }
+
+    /// `ctr images pull --hosts-dir DIR REF` (unpacked with the native snapshotter).
+    pub fn pull(&self, hosts_dir: &Path, reference: &str) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(["images", "pull", "--snapshotter", "native", "--hosts-dir"])
+            .arg(hosts_dir)
+            .arg(reference)
+            .output()
+            .expect("running ctr")
+    }
+}
+
+/// A gzip'd tar layer holding one file of random bytes: (blob, diff_id of the tar).
+pub fn tar_gz_layer(name: &str, len: usize, seed: u64) -> (Bytes, String) {
+    let data = random_bytes(len, seed);
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, name, &data[..])
+        .expect("tar append");
+    let tar_bytes = builder.into_inner().expect("tar finish");
+    let diff_id = format!("sha256:{}", sha256_hex(&tar_bytes));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar_bytes).expect("gzip");
+    (Bytes::from(gz.finish().expect("gzip finish")), diff_id)
+}

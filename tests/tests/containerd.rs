@@ -1,0 +1,100 @@
+//! A real containerd pulls a real image from a real registry through the daemons'
+//! mirrors: every layer leaves the registry about once for the whole cluster.
+
+use tests::{Containerd, DaemonProc, Registry, SupernodeProc, tar_gz_layer};
+
+const MIB: usize = 1 << 20;
+
+#[test]
+fn containerd_pulls_through_the_mirror_and_the_registry_sends_each_layer_once() {
+    let root = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+
+    // A 3-layer image of random data (valid gzip'd tars, so containerd can unpack it).
+    let name = "rollout/app";
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut size = 0usize;
+    for i in 0..3 {
+        let (blob, diff_id) =
+            tar_gz_layer(&format!("file{i}.bin"), 10 * MIB + i * 4096, 200 + i as u64);
+        let digest = reg.push_blob(name, &blob, None).unwrap();
+        size += blob.len();
+        layers.push(format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{}}}"#, blob.len()));
+        diff_ids.push(format!("\"{diff_id}\""));
+    }
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
+    );
+    let config_digest = reg.push_blob(name, config.as_bytes(), None).unwrap();
+    size += config.len();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{}]}}"#,
+        config.len(),
+        layers.join(",")
+    );
+    reg.push_manifest(name, "v1", manifest.as_bytes(), None)
+        .unwrap();
+
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let nodes = 3;
+    let mut setups = Vec::new();
+    for i in 0..nodes {
+        let d = DaemonProc::start(&sn, root.path(), &format!("node{i}"), &[]).unwrap();
+        let ctd = Containerd::start(&root.path().join(format!("containerd{i}"))).unwrap();
+        // The hosts.toml comes from the daemon's own generator.
+        let hosts = root.path().join(format!("hosts{i}"));
+        let out = std::process::Command::new(&tests::bins().dfdaemon)
+            .arg("containerd-config")
+            .arg("--registry")
+            .arg(reg.addr.to_string())
+            .arg("--out")
+            .arg(&hosts)
+            .arg("--mirror")
+            .arg(format!("http://{}", d.proxy_addr))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        setups.push((d, ctd, hosts));
+    }
+
+    let reference = format!("{}/{name}:v1", reg.addr);
+    let before = reg.bytes_sent();
+    std::thread::scope(|s| {
+        for (d, ctd, hosts) in &setups {
+            let reference = &reference;
+            s.spawn(move || {
+                let out = ctd.pull(hosts, reference);
+                assert!(
+                    out.status.success(),
+                    "ctr pull via {} failed:\n{}\n{}",
+                    d.host_id,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            });
+        }
+    });
+    let sent = reg.bytes_sent() - before;
+    let ratio = sent as f64 / size as f64;
+    eprintln!(
+        "registry sent {sent} bytes for {nodes} containerd pulls of a {size}-byte image = {ratio:.3} x"
+    );
+    assert!(
+        ratio <= 1.1,
+        "registry sent {ratio:.3} x the image for {nodes} pulls"
+    );
+    for (d, _, _) in &setups {
+        let blobs = d.metric("dfdaemon_mirror_requests_total", "reason=\"blob\"");
+        assert!(
+            blobs >= 4.0,
+            "{} served config and layers through its mirror ({blobs})",
+            d.host_id
+        );
+    }
+}
