@@ -48,6 +48,18 @@ pub struct FileConfig {
     #[serde(default)]
     pub plain_http_registries: Vec<String>,
     pub mirror_no_progress_secs: Option<u64>,
+    /// The daemon's own registry credentials (CRI does not send pull secrets to a
+    /// mirror). Keep this file readable by root only.
+    #[serde(default)]
+    pub registry_credentials: Vec<RegistryCredential>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredential {
+    pub registry: String,
+    pub username: String,
+    pub password: String,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +203,11 @@ impl DaemonConfig {
                 .map_or(DEFAULT_MIRROR_NO_PROGRESS, |s| {
                     Duration::from_secs(s.max(1))
                 }),
+            credentials: file
+                .registry_credentials
+                .into_iter()
+                .map(|c| (c.registry, (c.username, c.password)))
+                .collect(),
         };
         let cfg = Self {
             mirror,

@@ -285,3 +285,85 @@ fn private_repository_needs_credentials_even_from_the_cache() {
     assert_eq!(get(Some(&bad)).0, 401, "wrong password");
     assert_eq!(get(Some(&good)).0, 200);
 }
+
+#[test]
+fn daemon_credentials_serve_clients_that_send_none() {
+    let root = tempfile::tempdir().unwrap();
+    let htpasswd = root.path().join("htpasswd");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    std::fs::write(&htpasswd, format!("alice:{hash}\n")).unwrap();
+    let reg = Registry::start(&root.path().join("registry"), Some(&htpasswd)).unwrap();
+    let data = random_bytes(2 * MIB, 8);
+    let digest = reg
+        .push_blob("private/app", &data, Some(&basic("alice", "s3cret")))
+        .unwrap();
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    // Credentials live in the daemon's config file (CRI sends none to a mirror).
+    let config = root.path().join("dfdaemon.toml");
+    std::fs::write(
+        &config,
+        format!("[[registry_credentials]]\nregistry = \"{}\"\nusername = \"alice\"\npassword = \"s3cret\"\n", reg.addr),
+    )
+    .unwrap();
+    let d = DaemonProc::start(
+        &sn,
+        root.path(),
+        "m0",
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let (st, _, body) = http_request(
+        d.proxy_addr,
+        "GET",
+        &format!("/v2/private/app/blobs/{digest}?ns={}", reg.addr),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), digest);
+    // A daemon without them still gets the registry's 401.
+    let d2 = DaemonProc::start(&sn, root.path(), "m1", &[]).unwrap();
+    let (st, _, _) = http_request(
+        d2.proxy_addr,
+        "GET",
+        &format!("/v2/private/app/blobs/{digest}?ns={}", reg.addr),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 401);
+}
+
+#[test]
+fn moved_tag_resolves_to_the_new_digest() {
+    let root = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+    let first = push_image(&reg, "moving", 1, 1);
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let d = DaemonProc::start(&sn, root.path(), "m0", &[]).unwrap();
+    let accept = [("Accept", "application/vnd.oci.image.manifest.v1+json")];
+    let head = || {
+        let (st, h, _) = http_request(
+            d.proxy_addr,
+            "HEAD",
+            &format!("/v2/moving/manifests/v1?ns={}", reg.addr),
+            &accept,
+            b"",
+        )
+        .unwrap();
+        assert_eq!(st, 200);
+        h.get("docker-content-digest").cloned().unwrap()
+    };
+    assert_eq!(head(), first.manifest_digest);
+    pull(&d, &reg, &first);
+    // Push different content under the same tag.
+    let second = push_image(&reg, "moving", 2, 1);
+    assert_ne!(first.manifest_digest, second.manifest_digest);
+    assert_eq!(
+        head(),
+        second.manifest_digest,
+        "the tag is resolved upstream, not cached"
+    );
+    pull(&d, &reg, &second);
+}
