@@ -319,9 +319,27 @@ async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
             Err(resp) => return *resp,
         },
     };
-    match target.kind {
-        Kind::Manifest => manifest(&s, &method, &upstream, &target, headers, auth.as_deref()).await,
-        Kind::Blob => blob(&s, &method, &registry, &upstream, &target, headers, auth).await,
+    // Everything up to the status line (upstream checks, the first verified piece) must
+    // happen within the no-progress budget: containerd only falls back on errors at
+    // request open, so a slow upstream must become an error, not a wait.
+    let answer = async {
+        match target.kind {
+            Kind::Manifest => {
+                manifest(&s, &method, &upstream, &target, headers, auth.as_deref()).await
+            }
+            Kind::Blob => blob(&s, &method, &registry, &upstream, &target, headers, auth).await,
+        }
+    };
+    match tokio::time::timeout(s.cfg.no_progress, answer).await {
+        Ok(r) => r,
+        Err(_) => oci_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "UNAVAILABLE",
+            format!(
+                "no answer from {registry} within {:?}; use the registry directly",
+                s.cfg.no_progress
+            ),
+        ),
     }
 }
 

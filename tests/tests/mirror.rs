@@ -367,3 +367,41 @@ fn moved_tag_resolves_to_the_new_digest() {
     );
     pull(&d, &reg, &second);
 }
+
+#[test]
+fn stalled_upstream_becomes_a_quick_error_not_a_hang() {
+    let root = tempfile::tempdir().unwrap();
+    // An "upstream" that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let config = root.path().join("dfdaemon.toml");
+    std::fs::write(&config, "mirror_no_progress_secs = 2\n").unwrap();
+    let d = DaemonProc::start(
+        &sn,
+        root.path(),
+        "m0",
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let blob = format!("sha256:{}", "1".repeat(64));
+    for path in [
+        format!("/v2/a/blobs/{blob}?ns={addr}"),
+        format!("/v2/a/manifests/v1?ns={addr}"),
+    ] {
+        let t = std::time::Instant::now();
+        let (st, _, _) = http_request(d.proxy_addr, "GET", &path, &[], b"").unwrap();
+        let took = t.elapsed();
+        assert_eq!(st, 504, "{path}");
+        assert!(
+            took < Duration::from_secs(6),
+            "{path} answered after {took:?}"
+        );
+    }
+}
