@@ -1,0 +1,173 @@
+//! `cargo bench -p tests --bench mirror`: a real containerd pulling a real image, side by
+//! side in one run: straight from the local registry, through a warm daemon (blobs
+//! cached), through a cold one (blobs fetched from the registry as the pull runs); and
+//! time to first byte of a cold blob, registry vs mirror.
+//!
+//! Size: 3 layers of `BENCH_LAYER_MIB` (default 64) MiB of random data.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tests::{Containerd, DaemonProc, Registry, SupernodeProc, random_bytes, tar_gz_layer};
+
+const MIB: usize = 1 << 20;
+
+fn push_image(reg: &Registry, name: &str, layer_mib: usize) -> usize {
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut size = 0;
+    for i in 0..3 {
+        let (blob, diff_id) = tar_gz_layer(&format!("f{i}"), layer_mib * MIB + i, 300 + i as u64);
+        let d = reg.push_blob(name, &blob, None).unwrap();
+        size += blob.len();
+        layers.push(format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{}}}"#, blob.len()));
+        diff_ids.push(format!("\"{diff_id}\""));
+    }
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
+    );
+    let cd = reg.push_blob(name, config.as_bytes(), None).unwrap();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{}]}}"#,
+        config.len(),
+        layers.join(",")
+    );
+    reg.push_manifest(name, "v1", manifest.as_bytes(), None)
+        .unwrap();
+    size + config.len()
+}
+
+fn hosts_dir(
+    root: &std::path::Path,
+    name: &str,
+    reg: &Registry,
+    mirror: Option<SocketAddr>,
+) -> std::path::PathBuf {
+    let dir = root.join(name).join(reg.addr.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut toml = format!("server = \"http://{}\"\n", reg.addr);
+    if let Some(m) = mirror {
+        toml.push_str(&format!(
+            "\n[host.\"http://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
+    }
+    std::fs::write(dir.join("hosts.toml"), toml).unwrap();
+    root.join(name)
+}
+
+fn timed_pull(
+    root: &std::path::Path,
+    label: &str,
+    hosts: &std::path::Path,
+    reference: &str,
+) -> Duration {
+    let ctd = Containerd::start(&root.join(format!("ctd-{label}"))).unwrap();
+    let t = Instant::now();
+    let out = ctd.pull(hosts, reference);
+    let el = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{label}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    el
+}
+
+/// Time from sending a GET to receiving the first body byte.
+fn ttfb(addr: SocketAddr, path: &str) -> Duration {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the body");
+        seen.extend_from_slice(&buf[..n]);
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            if seen.len() > end + 4 {
+                let el = t.elapsed();
+                let status = String::from_utf8_lossy(&seen[..12]).to_string();
+                assert!(status.contains("200"), "{status}");
+                return el;
+            }
+        }
+    }
+}
+
+fn main() {
+    let layer_mib: usize = std::env::var("BENCH_LAYER_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let root = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+    let size = push_image(&reg, "bench/app", layer_mib);
+    let reference = format!("{}/bench/app:v1", reg.addr);
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let d = DaemonProc::start(&sn, root.path(), "bench0", &[]).unwrap();
+
+    let direct_hosts = hosts_dir(root.path(), "hosts-direct", &reg, None);
+    let mirror_hosts = hosts_dir(root.path(), "hosts-mirror", &reg, Some(d.proxy_addr));
+    let sync = || {
+        let _ = std::process::Command::new("sync").status();
+    };
+    sync();
+    let direct = timed_pull(root.path(), "direct", &direct_hosts, &reference);
+    sync();
+    let cold = timed_pull(root.path(), "cold", &mirror_hosts, &reference);
+    sync();
+    let warm = timed_pull(root.path(), "warm", &mirror_hosts, &reference);
+    sync();
+    let direct2 = timed_pull(root.path(), "direct2", &direct_hosts, &reference);
+
+    // Time to first byte of a blob nobody has: registry vs a daemon's mirror.
+    let mut reg_ttfb = Vec::new();
+    let mut mirror_ttfb = Vec::new();
+    for i in 0..5 {
+        let blob = random_bytes(32 * MIB, 900 + i);
+        let dg = reg.push_blob("bench/ttfb", &blob, None).unwrap();
+        reg_ttfb.push(ttfb(reg.addr, &format!("/v2/bench/ttfb/blobs/{dg}")));
+        let blob2 = random_bytes(32 * MIB, 950 + i);
+        let dg2 = reg.push_blob("bench/ttfb", &blob2, None).unwrap();
+        mirror_ttfb.push(ttfb(
+            d.proxy_addr,
+            &format!("/v2/bench/ttfb/blobs/{dg2}?ns={}", reg.addr),
+        ));
+    }
+    reg_ttfb.sort();
+    mirror_ttfb.sort();
+    let med = |v: &[Duration]| v[v.len() / 2].as_secs_f64() * 1000.0;
+
+    let best_direct = direct.min(direct2);
+    println!(
+        "| `ctr images pull` of a {:.0} MiB 3-layer image | time | vs direct |",
+        size as f64 / MIB as f64
+    );
+    println!("|---|---|---|");
+    println!(
+        "| straight from the registry (best of 2) | {:.3} s | 1.00 |",
+        best_direct.as_secs_f64()
+    );
+    println!(
+        "| through a cold dfdaemon mirror | {:.3} s | {:.2} |",
+        cold.as_secs_f64(),
+        cold.as_secs_f64() / best_direct.as_secs_f64()
+    );
+    println!(
+        "| through a warm dfdaemon mirror | {:.3} s | {:.2} |",
+        warm.as_secs_f64(),
+        warm.as_secs_f64() / best_direct.as_secs_f64()
+    );
+    println!();
+    println!("| time to first byte, 32 MiB blob nobody has (median of 5) | ms |");
+    println!("|---|---|");
+    println!("| registry | {:.1} |", med(&reg_ttfb));
+    println!("| dfdaemon mirror (cold) | {:.1} |", med(&mirror_ttfb));
+}
