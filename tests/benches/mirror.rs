@@ -90,13 +90,13 @@ fn ttfb(addr: SocketAddr, path: &str) -> Duration {
         let n = s.read(&mut buf).unwrap();
         assert!(n > 0, "closed before the body");
         seen.extend_from_slice(&buf[..n]);
-        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-            if seen.len() > end + 4 {
-                let el = t.elapsed();
-                let status = String::from_utf8_lossy(&seen[..12]).to_string();
-                assert!(status.contains("200"), "{status}");
-                return el;
-            }
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n")
+            && seen.len() > end + 4
+        {
+            let el = t.elapsed();
+            let status = String::from_utf8_lossy(&seen[..12]).to_string();
+            assert!(status.contains("200"), "{status}");
+            return el;
         }
     }
 }
