@@ -568,11 +568,12 @@ async fn blob(
             "blobs are addressed by sha256 digest",
         );
     };
-    // Does the registry let these credentials read this blob? Asked before anything is
-    // served from the cache, answer reused briefly.
+    // Does the registry let these credentials read this blob *in this repository*? Asked
+    // before anything is served from the cache, answer reused briefly. Keyed by blob too:
+    // access to one repository must not open a blob the registry only links elsewhere.
     let key = (
         registry.to_string(),
-        t.name.clone(),
+        format!("{}@{digest}", t.name),
         auth_key(auth.as_deref()),
     );
     let known_ok = s

@@ -405,3 +405,41 @@ fn stalled_upstream_becomes_a_quick_error_not_a_hang() {
         );
     }
 }
+
+#[test]
+fn a_cached_blob_is_not_served_through_a_repository_that_does_not_link_it() {
+    let root = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+    let secret = random_bytes(MIB, 11);
+    let secret_digest = reg.push_blob("team/secret", &secret, None).unwrap();
+    let public = random_bytes(MIB, 12);
+    let public_digest = reg.push_blob("team/public", &public, None).unwrap();
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let d = DaemonProc::start(&sn, root.path(), "m0", &[]).unwrap();
+    let get = |repo: &str, digest: &str| {
+        http_request(
+            d.proxy_addr,
+            "GET",
+            &format!("/v2/{repo}/blobs/{digest}?ns={}", reg.addr),
+            &[],
+            b"",
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(
+        get("team/secret", &secret_digest),
+        200,
+        "cached on the daemon now"
+    );
+    assert_eq!(
+        get("team/public", &public_digest),
+        200,
+        "access to team/public is known good"
+    );
+    assert_eq!(
+        get("team/public", &secret_digest),
+        404,
+        "the registry does not link it there"
+    );
+}
