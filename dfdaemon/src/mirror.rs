@@ -325,7 +325,14 @@ async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
     let answer = async {
         match target.kind {
             Kind::Manifest => {
-                manifest(&s, &method, &upstream, &target, headers, auth.as_deref()).await
+                match target.reference.parse::<Sha256Digest>() {
+                    // By digest the content can't change: cached and shared like a blob.
+                    Ok(digest) if method == Method::GET => {
+                        manifest_by_digest(&s, &registry, &upstream, &target, digest, headers, auth)
+                            .await
+                    }
+                    _ => manifest(&s, &method, &upstream, &target, headers, auth.as_deref()).await,
+                }
             }
             Kind::Blob => blob(&s, &method, &registry, &upstream, &target, headers, auth).await,
         }
@@ -408,6 +415,106 @@ async fn manifest(
         );
     }
     (status, out, body).into_response()
+}
+
+/// The media type of a manifest, from its `mediaType` field, else from its shape.
+fn manifest_media_type(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    match v["mediaType"].as_str() {
+        Some(t) => t.to_string(),
+        None if v.get("manifests").is_some() => "application/vnd.oci.image.index.v1+json".into(),
+        None => "application/vnd.oci.image.manifest.v1+json".into(),
+    }
+}
+
+/// A manifest by digest through the task engine (content-addressed, verified, cached),
+/// after the same per-object credential check as a blob.
+async fn manifest_by_digest(
+    s: &MirrorState,
+    registry: &str,
+    upstream: &str,
+    t: &Target,
+    digest: Sha256Digest,
+    headers: &HeaderMap,
+    auth: Option<String>,
+) -> Response {
+    let accept: Vec<HeaderValue> = headers.get_all(header::ACCEPT).iter().cloned().collect();
+    if let Err(resp) = check_access(
+        s,
+        false,
+        registry,
+        upstream,
+        t,
+        &digest,
+        auth.as_deref(),
+        &accept,
+    )
+    .await
+    {
+        return *resp;
+    }
+    let mut fwd: Vec<(String, String)> = accept
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| ("accept".to_string(), v.to_string()))
+        .collect();
+    if let Some(a) = auth {
+        fwd.push(("authorization".to_string(), a));
+    }
+    let req = DownloadRequest {
+        url: upstream.to_string(),
+        headers: fwd,
+        digest: Some(digest),
+        content_addressed: true,
+    };
+    let h = match s.engine.start(req) {
+        Ok(h) => h,
+        Err(e) => return oci_error(status_for(e.kind), "MANIFEST_UNKNOWN", e.message),
+    };
+    let layout = match h.wait_started().await {
+        Ok(l) => l,
+        Err(e) => {
+            let status = e
+                .origin_status
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or_else(|| status_for(e.kind));
+            return oci_error(status, "MANIFEST_UNKNOWN", e.message);
+        }
+    };
+    if layout.content_length > MAX_MANIFEST as u64 {
+        return oci_error(
+            StatusCode::BAD_GATEWAY,
+            "MANIFEST_INVALID",
+            "upstream manifest too large",
+        );
+    }
+    let mut body = Vec::with_capacity(layout.content_length as usize);
+    for piece in layout.pieces() {
+        // The last piece is only released once the whole content matched the digest.
+        if let Err(e) = h
+            .wait_piece(piece, piece.0 + 1 == layout.piece_count())
+            .await
+        {
+            return oci_error(status_for(e.kind), "MANIFEST_INVALID", e.message);
+        }
+        match s.engine.read_piece(&h, piece).await {
+            Ok(b) => body.extend_from_slice(&b),
+            Err(e) => return oci_error(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", e),
+        }
+    }
+    let media_type = manifest_media_type(&body);
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, media_type),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                digest.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// Splits `Bearer realm="a",service="b",scope="c,d"` into its parameters.
@@ -552,6 +659,60 @@ fn auth_key(auth: Option<&str>) -> u64 {
     h.finish()
 }
 
+/// Does the registry let these credentials read this object *in this repository*? Asked
+/// before anything is served from the cache (forced for HEAD), answer reused briefly. Keyed
+/// by object too: access to one repository must not open a blob the registry only links
+/// elsewhere. `Err` carries the upstream's refusal (status and `WWW-Authenticate`).
+#[allow(clippy::too_many_arguments)]
+async fn check_access(
+    s: &MirrorState,
+    force: bool,
+    registry: &str,
+    upstream: &str,
+    t: &Target,
+    digest: &Sha256Digest,
+    auth: Option<&str>,
+    accept: &[HeaderValue],
+) -> Result<HeaderMap, Box<Response>> {
+    let key = (
+        registry.to_string(),
+        format!("{}@{digest}", t.name),
+        auth_key(auth),
+    );
+    let known_ok = s
+        .auth_ok
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .is_some_and(|at| at.elapsed() < AUTH_CACHE_TTL);
+    let mut head_headers = HeaderMap::new();
+    if known_ok && !force {
+        return Ok(head_headers);
+    }
+    let mut rb = s.http.head(upstream);
+    if let Some(a) = auth {
+        rb = rb.header(header::AUTHORIZATION, a);
+    }
+    for v in accept {
+        rb = rb.header(header::ACCEPT, v.as_bytes());
+    }
+    let resp = rb.send().await.map_err(|e| Box::new(upstream_error(e)))?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    copy_headers(resp.headers(), &mut head_headers);
+    if !status.is_success() {
+        return Err(Box::new((status, head_headers).into_response()));
+    }
+    let mut cache = s.auth_ok.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= AUTH_CACHE_MAX {
+        cache.retain(|_, at| at.elapsed() < AUTH_CACHE_TTL);
+        if cache.len() >= AUTH_CACHE_MAX {
+            cache.clear();
+        }
+    }
+    cache.insert(key, Instant::now());
+    Ok(head_headers)
+}
+
 async fn blob(
     s: &MirrorState,
     method: &Method,
@@ -568,46 +729,23 @@ async fn blob(
             "blobs are addressed by sha256 digest",
         );
     };
-    // Does the registry let these credentials read this blob *in this repository*? Asked
-    // before anything is served from the cache, answer reused briefly. Keyed by blob too:
-    // access to one repository must not open a blob the registry only links elsewhere.
-    let key = (
-        registry.to_string(),
-        format!("{}@{digest}", t.name),
-        auth_key(auth.as_deref()),
-    );
-    let known_ok = s
-        .auth_ok
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .is_some_and(|at| at.elapsed() < AUTH_CACHE_TTL);
-    let mut head_headers = HeaderMap::new();
-    if !known_ok || method == Method::HEAD {
-        let mut rb = s.http.head(upstream);
-        if let Some(a) = &auth {
-            rb = rb.header(header::AUTHORIZATION, a);
-        }
-        let resp = match rb.send().await {
-            Ok(r) => r,
-            Err(e) => return upstream_error(e),
-        };
-        let status =
-            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        copy_headers(resp.headers(), &mut head_headers);
-        if !status.is_success() {
-            return (status, head_headers).into_response();
-        }
-        let mut cache = s.auth_ok.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= AUTH_CACHE_MAX {
-            cache.retain(|_, at| at.elapsed() < AUTH_CACHE_TTL);
-            if cache.len() >= AUTH_CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(key, Instant::now());
-    }
+    let head_headers = match check_access(
+        s,
+        method == Method::HEAD,
+        registry,
+        upstream,
+        t,
+        &digest,
+        auth.as_deref(),
+        &[],
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(resp) => return *resp,
+    };
     if method == Method::HEAD {
+        let mut head_headers = head_headers;
         head_headers.insert(
             "docker-content-digest",
             HeaderValue::from_str(&digest.to_string()).unwrap_or(HeaderValue::from_static("")),

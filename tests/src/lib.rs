@@ -715,6 +715,11 @@ impl Registry {
         })
     }
 
+    /// Stops the registry (the proxy stays, refusing to get anywhere).
+    pub fn kill(&mut self) {
+        self._proc.kill();
+    }
+
     /// Bytes the registry has sent through the proxy so far.
     pub fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)

@@ -338,7 +338,7 @@ fn daemon_credentials_serve_clients_that_send_none() {
 #[test]
 fn moved_tag_resolves_to_the_new_digest() {
     let root = tempfile::tempdir().unwrap();
-    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+    let mut reg = Registry::start(&root.path().join("registry"), None).unwrap();
     let first = push_image(&reg, "moving", 1, 1);
     let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
     let d = DaemonProc::start(&sn, root.path(), "m0", &[]).unwrap();
@@ -366,6 +366,35 @@ fn moved_tag_resolves_to_the_new_digest() {
         "the tag is resolved upstream, not cached"
     );
     pull(&d, &reg, &second);
+
+    // Manifests by digest and blobs are now cached on the daemon: with the registry gone
+    // (and its answers to the credential checks still fresh), they are served from there.
+    reg.kill();
+    let ns = format!("ns={}", reg.addr);
+    let (st, _, body) = http_request(
+        d.proxy_addr,
+        "GET",
+        &format!("/v2/moving/manifests/{}?{ns}", second.manifest_digest),
+        &accept,
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200, "manifest by digest from the cache");
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&body)),
+        second.manifest_digest
+    );
+    let (digest, data) = &second.blobs[1];
+    let (st, _, body) = http_request(
+        d.proxy_addr,
+        "GET",
+        &format!("/v2/moving/blobs/{digest}?{ns}"),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200, "blob from the cache");
+    assert_eq!(&body[..], &data[..]);
 }
 
 #[test]
