@@ -9,35 +9,9 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tests::{Containerd, DaemonProc, Registry, SupernodeProc, random_bytes, tar_gz_layer};
+use tests::{Containerd, DaemonProc, Registry, SupernodeProc, random_bytes};
 
 const MIB: usize = 1 << 20;
-
-fn push_image(reg: &Registry, name: &str, layer_mib: usize) -> usize {
-    let mut layers = Vec::new();
-    let mut diff_ids = Vec::new();
-    let mut size = 0;
-    for i in 0..3 {
-        let (blob, diff_id) = tar_gz_layer(&format!("f{i}"), layer_mib * MIB + i, 300 + i as u64);
-        let d = reg.push_blob(name, &blob, None).unwrap();
-        size += blob.len();
-        layers.push(format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{}}}"#, blob.len()));
-        diff_ids.push(format!("\"{diff_id}\""));
-    }
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
-        diff_ids.join(",")
-    );
-    let cd = reg.push_blob(name, config.as_bytes(), None).unwrap();
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{}]}}"#,
-        config.len(),
-        layers.join(",")
-    );
-    reg.push_manifest(name, "v1", manifest.as_bytes(), None)
-        .unwrap();
-    size + config.len()
-}
 
 fn hosts_dir(
     root: &std::path::Path,
@@ -108,7 +82,7 @@ fn main() {
         .unwrap_or(64);
     let root = tempfile::tempdir().unwrap();
     let reg = Registry::start(&root.path().join("registry"), None).unwrap();
-    let size = push_image(&reg, "bench/app", layer_mib);
+    let size = tests::push_tar_image(&reg, "bench/app", layer_mib * MIB, 300).unwrap();
     let reference = format!("{}/bench/app:v1", reg.addr);
     let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
     let d = DaemonProc::start(&sn, root.path(), "bench0", &[]).unwrap();

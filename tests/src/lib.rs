@@ -899,3 +899,43 @@ pub fn tar_gz_layer(name: &str, len: usize, seed: u64) -> (Bytes, String) {
     gz.write_all(&tar_bytes).expect("gzip");
     (Bytes::from(gz.finish().expect("gzip finish")), diff_id)
 }
+
+/// Pushes a runnable-shaped image (3 gzip'd tar layers of random data of about
+/// `layer_len` bytes each, a config whose diff_ids match, an OCI manifest) as `name:v1`;
+/// returns the total size of the blobs.
+pub fn push_tar_image(
+    reg: &Registry,
+    name: &str,
+    layer_len: usize,
+    seed: u64,
+) -> anyhow::Result<usize> {
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut size = 0;
+    for i in 0..3 {
+        let (blob, diff_id) = tar_gz_layer(
+            &format!("file{i}.bin"),
+            layer_len + i * 4096,
+            seed + i as u64,
+        );
+        let digest = reg.push_blob(name, &blob, None)?;
+        size += blob.len();
+        layers.push(format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{}}}"#,
+            blob.len()
+        ));
+        diff_ids.push(format!("\"{diff_id}\""));
+    }
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
+    );
+    let config_digest = reg.push_blob(name, config.as_bytes(), None)?;
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{}]}}"#,
+        config.len(),
+        layers.join(",")
+    );
+    reg.push_manifest(name, "v1", manifest.as_bytes(), None)?;
+    Ok(size + config.len())
+}

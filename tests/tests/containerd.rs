@@ -1,7 +1,7 @@
 //! A real containerd pulls a real image from a real registry through the daemons'
 //! mirrors: every layer leaves the registry about once for the whole cluster.
 
-use tests::{Containerd, DaemonProc, Registry, SupernodeProc, tar_gz_layer};
+use tests::{Containerd, DaemonProc, Registry, SupernodeProc};
 
 const MIB: usize = 1 << 20;
 
@@ -12,30 +12,7 @@ fn containerd_pulls_through_the_mirror_and_the_registry_sends_each_layer_once() 
 
     // A 3-layer image of random data (valid gzip'd tars, so containerd can unpack it).
     let name = "rollout/app";
-    let mut layers = Vec::new();
-    let mut diff_ids = Vec::new();
-    let mut size = 0usize;
-    for i in 0..3 {
-        let (blob, diff_id) =
-            tar_gz_layer(&format!("file{i}.bin"), 10 * MIB + i * 4096, 200 + i as u64);
-        let digest = reg.push_blob(name, &blob, None).unwrap();
-        size += blob.len();
-        layers.push(format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{}}}"#, blob.len()));
-        diff_ids.push(format!("\"{diff_id}\""));
-    }
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
-        diff_ids.join(",")
-    );
-    let config_digest = reg.push_blob(name, config.as_bytes(), None).unwrap();
-    size += config.len();
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{}]}}"#,
-        config.len(),
-        layers.join(",")
-    );
-    reg.push_manifest(name, "v1", manifest.as_bytes(), None)
-        .unwrap();
+    let size = tests::push_tar_image(&reg, name, 10 * MIB, 200).unwrap();
 
     let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
     let nodes = 3;
