@@ -153,8 +153,11 @@ impl TaskHandle {
         });
     }
 
-    /// Waits until `piece` is stored (or, with `verified`, the whole task is done).
-    pub async fn wait_piece(&self, piece: PieceIndex, verified: bool) -> Result<(), ApiError> {
+    /// Waits until `ready` yields a value for the task's progress, or the task fails.
+    async fn wait_for<T>(
+        &self,
+        mut ready: impl FnMut(&Progress) -> Option<T>,
+    ) -> Result<T, ApiError> {
         let mut rx = self.subscribe();
         loop {
             {
@@ -165,8 +168,8 @@ impl TaskHandle {
                         .clone()
                         .unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
                 }
-                if p.stored.contains(piece) && (!verified || p.state == TaskState::Done) {
-                    return Ok(());
+                if let Some(v) = ready(&p) {
+                    return Ok(v);
                 }
             }
             if rx.changed().await.is_err() {
@@ -175,30 +178,24 @@ impl TaskHandle {
         }
     }
 
+    /// Waits until `piece` is stored (or, with `verified`, the whole task is done).
+    pub async fn wait_piece(&self, piece: PieceIndex, verified: bool) -> Result<(), ApiError> {
+        self.wait_for(|p| {
+            (p.stored.contains(piece) && (!verified || p.state == TaskState::Done)).then_some(())
+        })
+        .await
+    }
+
     /// Waits until the layout is known (and the first piece stored), or failure.
     pub async fn wait_started(&self) -> Result<PieceLayout, ApiError> {
-        let mut rx = self.subscribe();
-        loop {
-            {
-                let p = rx.borrow_and_update();
-                if p.state == TaskState::Failed {
-                    return Err(p
-                        .error
-                        .clone()
-                        .unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed")));
-                }
-                if let Some(l) = p.layout
-                    && (l.piece_count() == 0
-                        || p.stored.contains(PieceIndex(0))
-                        || p.state == TaskState::Done)
-                {
-                    return Ok(l);
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(api_error(ErrorKind::Internal, "download driver went away"));
-            }
-        }
+        self.wait_for(|p| {
+            p.layout.filter(|l| {
+                l.piece_count() == 0
+                    || p.stored.contains(PieceIndex(0))
+                    || p.state == TaskState::Done
+            })
+        })
+        .await
     }
 }
 
