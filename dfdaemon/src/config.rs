@@ -52,6 +52,15 @@ pub struct FileConfig {
     /// mirror). Keep this file readable by root only.
     #[serde(default)]
     pub registry_credentials: Vec<RegistryCredential>,
+    /// PEM CA certificates trusted for registries' TLS on top of the system's.
+    #[serde(default)]
+    pub registry_ca_certs: Vec<PathBuf>,
+    /// Hosts (`host` for port 443, or `host:port`) whose HTTPS the proxy terminates so
+    /// their pulls go through the P2P network; clients must trust the proxy CA.
+    #[serde(default)]
+    pub proxy_intercept_hosts: Vec<String>,
+    pub proxy_ca_cert: Option<PathBuf>,
+    pub proxy_ca_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +93,7 @@ pub struct DaemonConfig {
     pub upload_slots: u32,
     pub engine: EngineConfig,
     pub mirror: crate::mirror::MirrorConfig,
+    pub intercept: crate::proxy::InterceptConfig,
 }
 
 /// Parses "20GiB", "512MiB", "10GB", "4096" into bytes.
@@ -138,6 +148,24 @@ pub struct Overrides {
     pub default_registry: Option<String>,
     pub allow_registries: Vec<String>,
     pub plain_http_registries: Vec<String>,
+    pub intercept_hosts: Vec<String>,
+    pub registry_ca_certs: Vec<PathBuf>,
+}
+
+/// Reads PEM certificates (each file may hold several).
+fn read_roots(paths: &[PathBuf], errors: &mut Vec<String>) -> Vec<reqwest::Certificate> {
+    let mut out = Vec::new();
+    for p in paths {
+        match std::fs::read(p) {
+            Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => out.extend(certs),
+                Ok(_) => errors.push(format!("{}: no PEM certificate", p.display())),
+                Err(e) => errors.push(format!("{}: {e}", p.display())),
+            },
+            Err(e) => errors.push(format!("reading {}: {e}", p.display())),
+        }
+    }
+    out
 }
 
 impl DaemonConfig {
@@ -190,7 +218,22 @@ impl DaemonConfig {
         allow.extend(flags.allow_registries);
         let mut plain_http = file.plain_http_registries;
         plain_http.extend(flags.plain_http_registries);
+        let mut ca_files = file.registry_ca_certs;
+        ca_files.extend(flags.registry_ca_certs);
+        let upstream_roots = read_roots(&ca_files, &mut errors);
+        let mut intercept_hosts = file.proxy_intercept_hosts;
+        intercept_hosts.extend(flags.intercept_hosts);
+        let intercept = crate::proxy::InterceptConfig {
+            hosts: intercept_hosts,
+            ca_cert: file
+                .proxy_ca_cert
+                .unwrap_or_else(|| data_dir.join("proxy-ca.pem")),
+            ca_key: file
+                .proxy_ca_key
+                .unwrap_or_else(|| data_dir.join("proxy-ca-key.pem")),
+        };
         let mirror = crate::mirror::MirrorConfig {
+            upstream_roots,
             listen: flags
                 .proxy_listen
                 .or(file.proxy_listen)
@@ -211,6 +254,7 @@ impl DaemonConfig {
         };
         let cfg = Self {
             mirror,
+            intercept,
             supernode: match flags.supernode.or(file.supernode) {
                 Some(a) => SupernodeMode::External(a),
                 None => SupernodeMode::Embedded,

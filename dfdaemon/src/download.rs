@@ -314,6 +314,11 @@ impl Engine {
         }
     }
 
+    /// Is the whole content of `id` verified in the local store?
+    pub fn is_cached(&self, id: &TaskId) -> bool {
+        self.store.meta(id).is_some_and(|m| m.complete)
+    }
+
     pub fn status(&self, id: &TaskId) -> Option<TaskStatus> {
         self.running().get(id).map(|h| h.status())
     }

@@ -8,6 +8,8 @@
 //! * [`origin`]: HTTP(S) to the origin, by Range.
 //! * [`control`]: the supernode client and heartbeat / re-registration loop.
 //! * [`api`]: the local Unix-socket API `dfget` talks to.
+//! * [`mirror`], [`proxy`]: the registry mirror for containerd and the HTTP proxy, on one
+//!   port.
 //!
 //! Ownership: [`Daemon`] owns one cancellation token and one task tracker; every task it
 //! starts (accept loops, downloads, heartbeats, the embedded supernode) hangs off them,
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod origin;
 pub mod peer;
+pub mod proxy;
 pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -77,6 +80,8 @@ pub enum DaemonError {
     },
     #[error("registry mirror HTTP client: {0}")]
     MirrorClient(#[from] reqwest::Error),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
     #[error("binding API socket {path}: {source}")]
     BindApi {
         path: PathBuf,
@@ -197,7 +202,7 @@ impl Daemon {
             store: store.clone(),
             control: control.clone(),
             peers,
-            origin: origin::Origin::new()?,
+            origin: origin::Origin::new(&cfg.mirror.upstream_roots)?,
             cfg: cfg.engine.clone(),
             metrics: metrics.clone(),
             tracker: tracker.clone(),
@@ -275,22 +280,16 @@ impl Daemon {
                 addr: cfg.mirror.listen,
                 source,
             })?;
-        let mirror_app = mirror::router(mirror::MirrorState::new(
-            engine.clone(),
-            cfg.mirror.clone(),
+        let mirror_state =
+            mirror::MirrorState::new(engine.clone(), cfg.mirror.clone(), metrics.clone())?;
+        let proxy_state = proxy::ProxyState::new(
+            mirror_state,
+            &cfg.intercept,
             metrics.clone(),
-        )?);
-        {
-            let cancel = cancel.clone();
-            tracker.spawn(async move {
-                if let Err(e) = axum::serve(proxy, mirror_app)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await })
-                    .await
-                {
-                    tracing::error!(error = %e, "registry mirror stopped");
-                }
-            });
-        }
+            cancel.clone(),
+            tracker.clone(),
+        )?;
+        tracker.spawn(proxy::serve(proxy, proxy_state));
         let app = api::router(Arc::new(api::ApiState { engine, metrics }));
         {
             let cancel = cancel.clone();

@@ -51,7 +51,8 @@ struct Args {
     /// Concurrent piece uploads to other daemons [default: 16]
     #[arg(long)]
     upload_slots: Option<u32>,
-    /// Registry mirror for containerd (OCI pull API) [default: 127.0.0.1:65001]
+    /// Registry mirror for containerd (OCI pull API), also an HTTP proxy (absolute URLs,
+    /// CONNECT) [default: 127.0.0.1:65001]
     #[arg(long)]
     proxy_listen: Option<std::net::SocketAddr>,
     /// Registry used when a mirror request has no ?ns= (e.g. registry-1.docker.io)
@@ -63,6 +64,15 @@ struct Args {
     /// Registry spoken to over plain HTTP (loopback registries always are); repeatable
     #[arg(long = "plain-http-registry")]
     plain_http_registries: Vec<String>,
+    /// Host (`host` means port 443, or `host:port`) whose HTTPS the proxy terminates so
+    /// its pulls go through the P2P network; clients must trust <data-dir>/proxy-ca.pem.
+    /// Repeatable
+    #[arg(long = "proxy-intercept")]
+    intercept_hosts: Vec<String>,
+    /// PEM CA certificate trusted for registries' TLS on top of the system's (a private
+    /// registry's CA); repeatable
+    #[arg(long = "registry-ca-cert")]
+    registry_ca_certs: Vec<PathBuf>,
     /// Log one JSON object per line instead of text
     #[arg(long)]
     log_json: bool,
@@ -134,6 +144,8 @@ async fn main() -> anyhow::Result<()> {
         default_registry: args.default_registry,
         allow_registries: args.allow_registries,
         plain_http_registries: args.plain_http_registries,
+        intercept_hosts: args.intercept_hosts,
+        registry_ca_certs: args.registry_ca_certs,
     };
     let cfg = DaemonConfig::resolve(file, flags)
         .map_err(|errs| anyhow!("invalid configuration:\n  {}", errs.join("\n  ")))?;

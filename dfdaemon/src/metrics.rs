@@ -31,6 +31,15 @@ pub struct Metrics {
     pub supernode_up: Gauge,
     /// Registry mirror requests by kind (`manifest`, `blob`).
     pub mirror_requests: Family<ReasonLabels, Counter>,
+    /// Content-addressed mirror reads (blobs, manifests by digest) by `hit` (complete in
+    /// the local store when asked for) or `miss`.
+    pub mirror_cache: Family<ReasonLabels, Counter>,
+    /// Body bytes the mirror sent to its clients.
+    pub mirror_bytes_served: Counter,
+    /// HTTP proxy requests by kind: `forward` (passed through), `pull` (answered by the
+    /// mirror logic), `tunnel` (CONNECT, bytes not seen), `intercept` (CONNECT, TLS
+    /// terminated here), `refused`.
+    pub proxy_requests: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -96,8 +105,29 @@ impl Default for Metrics {
             "Registry mirror requests by kind",
             mirror_requests.clone(),
         );
+        let mirror_cache = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mirror_cache",
+            "Content-addressed mirror reads by hit (already stored) or miss",
+            mirror_cache.clone(),
+        );
+        let mirror_bytes_served = Counter::default();
+        registry.register(
+            "mirror_bytes_served",
+            "Body bytes the registry mirror sent to its clients",
+            mirror_bytes_served.clone(),
+        );
+        let proxy_requests = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "HTTP proxy requests by kind (forward, pull, tunnel, intercept, refused)",
+            proxy_requests.clone(),
+        );
         Self {
             mirror_requests,
+            mirror_cache,
+            mirror_bytes_served,
+            proxy_requests,
             registry,
             piece_bytes,
             pieces,
@@ -124,6 +154,10 @@ impl Metrics {
             .get_or_create(&SourceLabels { source })
             .inc_by(bytes);
         self.pieces.get_or_create(&SourceLabels { source }).inc();
+    }
+
+    pub fn count(family: &Family<ReasonLabels, Counter>, reason: &'static str) {
+        family.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn failed(&self, reason: &'static str) {

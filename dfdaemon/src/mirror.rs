@@ -32,6 +32,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use proto::Sha256Digest;
 use proto::api::DownloadRequest;
 use sha2::{Digest, Sha256};
@@ -61,6 +62,9 @@ pub struct MirrorConfig {
     /// The daemon's own credentials per registry host (user, password), used when the
     /// client sends none: CRI pulls don't send pull secrets to a mirror.
     pub credentials: HashMap<String, (String, String)>,
+    /// Extra CA certificates trusted for registries' TLS (a private registry's CA), on top
+    /// of the system's.
+    pub upstream_roots: Vec<reqwest::Certificate>,
 }
 
 pub struct MirrorState {
@@ -80,11 +84,7 @@ impl MirrorState {
         cfg: MirrorConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()?;
+        let http = client_builder(&cfg.upstream_roots).build()?;
         Ok(Arc::new(Self {
             engine,
             cfg,
@@ -95,13 +95,65 @@ impl MirrorState {
         }))
     }
 
+    /// A client configured like the mirror's own (timeouts, trusted roots, no proxy).
+    pub(crate) fn client_builder(&self) -> reqwest::ClientBuilder {
+        client_builder(&self.cfg.upstream_roots)
+    }
+
+    pub(crate) fn no_progress(&self) -> Duration {
+        self.cfg.no_progress
+    }
+
+    /// Bound to loopback, only this node's clients can reach us: follow any registry.
     fn open(&self) -> bool {
         self.cfg.listen.ip().is_loopback()
     }
+
+    /// Beyond loopback only allowlisted registries (and, for the HTTP proxy, hosts) are
+    /// reachable: never an open proxy.
+    pub(crate) fn check_allowed(&self, registry: &str) -> Result<(), Box<Response>> {
+        if self.open() || self.cfg.allow.iter().any(|a| a == registry) {
+            return Ok(());
+        }
+        Err(Box::new(oci_error(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            format!("{registry} is not on this daemon's allowlist"),
+        )))
+    }
+
+    /// Loopback registries and configured plain-HTTP ones are spoken to over HTTP.
+    fn count_cache(&self, req: &DownloadRequest) {
+        let hit = self.engine.is_cached(&Engine::task_id(req));
+        Metrics::count(&self.metrics.mirror_cache, if hit { "hit" } else { "miss" });
+    }
+
+    fn scheme_for(&self, registry: &str) -> &'static str {
+        let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback || self.cfg.plain_http.iter().any(|r| r == registry) {
+            "http"
+        } else {
+            "https"
+        }
+    }
 }
 
-pub fn router(state: Arc<MirrorState>) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(state)
+/// HTTP client settings for talking to registries: bounded connect and read waits, the
+/// configured extra roots, and no proxy from the environment between us and them.
+pub fn client_builder(roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(30))
+        .no_proxy();
+    for r in roots {
+        b = b.add_root_certificate(r.clone());
+    }
+    b
 }
 
 /// An OCI-style error answer.
@@ -115,12 +167,12 @@ fn oci_error(status: StatusCode, code: &str, message: impl std::fmt::Display) ->
         .into_response()
 }
 
-enum Kind {
+pub(crate) enum Kind {
     Manifest,
     Blob,
 }
 
-struct Target {
+pub(crate) struct Target {
     name: String,
     kind: Kind,
     reference: String,
@@ -230,7 +282,7 @@ fn copy_headers(from: &reqwest::header::HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
+pub(crate) async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
     let method = req.method().clone();
     if method != Method::GET && method != Method::HEAD {
         return oci_error(
@@ -271,25 +323,33 @@ async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
             format!("invalid registry {registry:?}"),
         );
     }
-    if !s.open() && !s.cfg.allow.contains(&registry) {
-        return oci_error(
-            StatusCode::FORBIDDEN,
-            "DENIED",
-            format!("registry {registry} is not on this mirror's allowlist"),
-        );
+    if let Err(resp) = s.check_allowed(&registry) {
+        return *resp;
     }
-    let host = registry
-        .rsplit_once(':')
-        .map_or(registry.as_str(), |(h, _)| h);
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    let scheme = if loopback || s.cfg.plain_http.contains(&registry) {
-        "http"
-    } else {
-        "https"
-    };
+    let scheme = s.scheme_for(&registry);
+    pull(&s, &method, req.headers(), target, &registry, scheme).await
+}
+
+/// A pull request the mirror logic should answer: `GET`/`HEAD` of a manifest or blob.
+/// Anything else seen by the HTTP proxy is passed through untouched.
+pub(crate) fn pull_target(method: &Method, path: &str) -> Option<Target> {
+    if method != Method::GET && method != Method::HEAD {
+        return None;
+    }
+    parse_path(path)
+}
+
+/// Answers one pull (manifest or blob) of `target` from `registry`, reached over `scheme`:
+/// the mirror's `?ns=` requests, the HTTP proxy's absolute-form requests and intercepted
+/// HTTPS requests all end here.
+pub(crate) async fn pull(
+    s: &MirrorState,
+    method: &Method,
+    headers: &HeaderMap,
+    target: Target,
+    registry: &str,
+    scheme: &str,
+) -> Response {
     let kind = match target.kind {
         Kind::Manifest => "manifests",
         Kind::Blob => "blobs",
@@ -298,7 +358,6 @@ async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
         "{scheme}://{registry}/v2/{}/{kind}/{}",
         target.name, target.reference
     );
-    let headers = req.headers();
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -314,7 +373,7 @@ async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
         .inc();
     let auth = match auth {
         Some(a) => Some(a),
-        None => match own_authorization(&s, scheme, &registry, &target.name).await {
+        None => match own_authorization(s, scheme, registry, &target.name).await {
             Ok(a) => a,
             Err(resp) => return *resp,
         },
@@ -328,13 +387,13 @@ async fn handle(State(s): State<Arc<MirrorState>>, req: Request) -> Response {
                 match target.reference.parse::<Sha256Digest>() {
                     // By digest the content can't change: cached and shared like a blob.
                     Ok(digest) if method == Method::GET => {
-                        manifest_by_digest(&s, &registry, &upstream, &target, digest, headers, auth)
+                        manifest_by_digest(s, registry, &upstream, &target, digest, headers, auth)
                             .await
                     }
-                    _ => manifest(&s, &method, &upstream, &target, headers, auth.as_deref()).await,
+                    _ => manifest(s, method, &upstream, &target, headers, auth.as_deref()).await,
                 }
             }
-            Kind::Blob => blob(&s, &method, &registry, &upstream, &target, headers, auth).await,
+            Kind::Blob => blob(s, method, registry, &upstream, &target, headers, auth).await,
         }
     };
     match tokio::time::timeout(s.cfg.no_progress, answer).await {
@@ -467,6 +526,7 @@ async fn manifest_by_digest(
         digest: Some(digest),
         content_addressed: true,
     };
+    s.count_cache(&req);
     let h = match s.engine.start(req) {
         Ok(h) => h,
         Err(e) => return oci_error(status_for(e.kind), "MANIFEST_UNKNOWN", e.message),
@@ -503,6 +563,7 @@ async fn manifest_by_digest(
         }
     }
     let media_type = manifest_media_type(&body);
+    s.metrics.mirror_bytes_served.inc_by(body.len() as u64);
     (
         StatusCode::OK,
         [
@@ -760,6 +821,7 @@ async fn blob(
         digest: Some(digest),
         content_addressed: true,
     };
+    s.count_cache(&req);
     let h = match s.engine.start(req.clone()) {
         Ok(h) => h,
         Err(e) => return oci_error(status_for(e.kind), "BLOB_UNKNOWN", e.message),
@@ -807,13 +869,19 @@ async fn blob(
             format!("bytes {}-{}/{len}", range.start, range.end - 1),
         );
     }
+    let served = s.metrics.mirror_bytes_served.clone();
     let stream = content_stream(
         s.engine.clone(),
         req,
         layout,
         range,
         Some(s.cfg.no_progress),
-    );
+    )
+    .inspect(move |chunk| {
+        if let Ok(b) = chunk {
+            served.inc_by(b.len() as u64);
+        }
+    });
     resp.body(Body::from_stream(stream))
         .unwrap_or_else(|e| oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e))
 }

@@ -63,8 +63,13 @@ fn send_error(e: reqwest::Error) -> OriginError {
 }
 
 impl Origin {
-    pub fn new() -> Result<Self, OriginError> {
-        let client = reqwest::Client::builder()
+    /// `roots`: CA certificates trusted on top of the system's (a private registry's).
+    pub fn new(roots: &[reqwest::Certificate]) -> Result<Self, OriginError> {
+        let mut builder = reqwest::Client::builder();
+        for r in roots {
+            builder = builder.add_root_certificate(r.clone());
+        }
+        let client = builder
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             // The daemon is not a browser: no proxy settings from the environment leak in

@@ -93,13 +93,17 @@ impl ClusterCa {
 
     /// Loads the CA, creating it first if neither file exists.
     pub fn load_or_create(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Self::load_or_create_named(cert, key, "dfp2p cluster CA")
+    }
+
+    /// [`Self::load_or_create`] with the common name a new CA gets (the daemon's HTTPS
+    /// proxy has a CA of its own, which clients are asked to trust).
+    pub fn load_or_create_named(cert: &Path, key: &Path, name: &str) -> Result<Self, TlsError> {
         if !cert.exists() && !key.exists() {
             let key_pair = KeyPair::generate()?;
             let mut params = CertificateParams::new(Vec::<String>::new())?;
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "dfp2p cluster CA");
+            params.distinguished_name.push(DnType::CommonName, name);
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             params.not_after = rcgen::date_time_ymd(2100, 1, 1);
             let ca = params.self_signed(&key_pair)?;
@@ -182,6 +186,22 @@ impl ClusterCa {
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
         cfg.transport_config(self.transport());
         Ok(cfg)
+    }
+}
+
+impl Identity {
+    /// A TLS-over-TCP server config presenting this identity, asking for no client
+    /// certificate (the HTTPS proxy's intercepted sessions).
+    pub fn tls_server_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                self.chain.clone(),
+                PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            )?;
+        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Ok(tls)
     }
 }
 

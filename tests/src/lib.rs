@@ -485,6 +485,26 @@ pub struct Origin {
 
 impl Origin {
     pub fn start(files: HashMap<String, Bytes>, ranges: bool) -> anyhow::Result<Self> {
+        Self::start_inner(files, ranges, HashMap::new())
+    }
+
+    /// Like object storage behind a registry: a GET of a path in `redirects` answers 307 to
+    /// the mapped path with a fresh signature in the query (`X-Amz-Signature=<n>`), so no
+    /// two redirects name the same URL. Ranges are supported.
+    pub fn start_redirecting(
+        files: HashMap<String, Bytes>,
+        redirects: HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(files, true, redirects)
+    }
+
+    fn start_inner(
+        files: HashMap<String, Bytes>,
+        ranges: bool,
+        redirects: HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let redirects = Arc::new(redirects);
+        let signatures = Arc::new(AtomicU64::new(0));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -502,6 +522,7 @@ impl Origin {
                         continue;
                     };
                     let (files, sent, requests) = (files.clone(), sent.clone(), requests.clone());
+                    let (redirects, signatures) = (redirects.clone(), signatures.clone());
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(
                             move |req: Request<hyper::body::Incoming>| {
@@ -510,7 +531,26 @@ impl Origin {
                                 let sent = sent.clone();
                                 // Count bytes as hyper pulls them for the socket, so a client
                                 // that hangs up early is not charged for the whole body.
-                                let resp = serve(&files, &req, ranges).map(move |body: Bytes| {
+                                let answer = match redirects
+                                    .get(req.uri().path().trim_start_matches('/'))
+                                {
+                                    Some(to) => {
+                                        let n = signatures.fetch_add(1, Ordering::Relaxed);
+                                        Response::builder()
+                                            .status(StatusCode::TEMPORARY_REDIRECT)
+                                            .header(
+                                                hyper::header::LOCATION,
+                                                format!(
+                                                    "/{to}?X-Amz-Expires=60&X-Amz-Signature={n:08x}"
+                                                ),
+                                            )
+                                            .header(hyper::header::CONTENT_LENGTH, 0)
+                                            .body(Bytes::new())
+                                            .expect("response")
+                                    }
+                                    None => serve(&files, &req, ranges),
+                                };
+                                let resp = answer.map(move |body: Bytes| {
                                     let chunks: Vec<Bytes> = if head {
                                         Vec::new()
                                     } else {
@@ -675,6 +715,21 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path, htpasswd: Option<&Path>) -> anyhow::Result<Self> {
+        Self::start_inner(dir, &dir.join("data"), htpasswd, None)
+    }
+
+    /// A second registry process serving `of`'s storage over HTTPS with `cert`/`key`
+    /// (push to `of`, pull from this one).
+    pub fn start_tls(dir: &Path, of: &Path, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        Self::start_inner(dir, &of.join("data"), None, Some((cert, key)))
+    }
+
+    fn start_inner(
+        dir: &Path,
+        data: &Path,
+        htpasswd: Option<&Path>,
+        tls: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<Self> {
         let bin = Path::new("/usr/bin/docker-registry");
         if !bin.exists() {
             bail!(
@@ -688,9 +743,16 @@ impl Registry {
                 p.display()
             )
         });
+        let tls = tls.map_or(String::new(), |(c, k)| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                c.display(),
+                k.display()
+            )
+        });
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {direct}\n{auth}",
-            dir.join("data").display()
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {direct}\n{tls}{auth}",
+            data.display()
         );
         std::fs::create_dir_all(dir)?;
         let cfg = dir.join("config.yml");
@@ -699,6 +761,7 @@ impl Registry {
         cmd.arg("serve").arg(&cfg);
         let mut proc = Proc::spawn("registry", cmd, dir.join("registry.log"))?;
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Any HTTP answer (an HTTPS registry answers plain HTTP with 400) means it is up.
         while http_get(direct, "/v2/").is_err() {
             if Instant::now() > deadline || !proc.is_running() {
                 bail!("registry did not start:\n{}", proc.log_tail());
@@ -938,4 +1001,34 @@ pub fn push_tar_image(
     );
     reg.push_manifest(name, "v1", manifest.as_bytes(), None)?;
     Ok(size + config.len())
+}
+
+/// A test CA and a server certificate it signed for 127.0.0.1 and localhost, as PEM files
+/// in `dir`: (ca.pem, cert.pem, key.pem).
+pub fn test_server_cert(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test registry CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.pem(), ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "test registry");
+    let cert = params.signed_by(&key, &issuer)?;
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem())?;
+    std::fs::write(&paths.1, cert.pem())?;
+    std::fs::write(&paths.2, key.serialize_pem())?;
+    Ok(paths)
 }
