@@ -531,12 +531,11 @@ impl Origin {
                                 let sent = sent.clone();
                                 // Count bytes as hyper pulls them for the socket, so a client
                                 // that hangs up early is not charged for the whole body.
-                                let answer = match redirects
-                                    .get(req.uri().path().trim_start_matches('/'))
-                                {
-                                    Some(to) => {
-                                        let n = signatures.fetch_add(1, Ordering::Relaxed);
-                                        Response::builder()
+                                let answer =
+                                    match redirects.get(req.uri().path().trim_start_matches('/')) {
+                                        Some(to) => {
+                                            let n = signatures.fetch_add(1, Ordering::Relaxed);
+                                            Response::builder()
                                             .status(StatusCode::TEMPORARY_REDIRECT)
                                             .header(
                                                 hyper::header::LOCATION,
@@ -547,9 +546,9 @@ impl Origin {
                                             .header(hyper::header::CONTENT_LENGTH, 0)
                                             .body(Bytes::new())
                                             .expect("response")
-                                    }
-                                    None => serve(&files, &req, ranges),
-                                };
+                                        }
+                                        None => serve(&files, &req, ranges),
+                                    };
                                 let resp = answer.map(move |body: Bytes| {
                                     let chunks: Vec<Bytes> = if head {
                                         Vec::new()
@@ -930,6 +929,16 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(Self { sock, _proc: proc })
+    }
+
+    /// `ctr -a SOCK <args>`.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .expect("running ctr")
     }
 
     /// `ctr images pull --hosts-dir DIR REF` (unpacked with the native snapshotter).

@@ -12,10 +12,11 @@ fn containerd_pulls_through_the_mirror_and_the_registry_sends_each_layer_once() 
 
     // A 3-layer image of random data (valid gzip'd tars, so containerd can unpack it).
     let name = "rollout/app";
-    let size = tests::push_tar_image(&reg, name, 10 * MIB, 200).unwrap();
+    // About 200 MiB in three layers, as the must-show asks.
+    let size = tests::push_tar_image(&reg, name, 66 * MIB, 200).unwrap();
 
     let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
-    let nodes = 3;
+    let nodes = 4;
     let mut setups = Vec::new();
     for i in 0..nodes {
         let d = DaemonProc::start(&sn, root.path(), &format!("node{i}"), &[]).unwrap();
@@ -66,7 +67,15 @@ fn containerd_pulls_through_the_mirror_and_the_registry_sends_each_layer_once() 
         ratio <= 1.1,
         "registry sent {ratio:.3} x the image for {nodes} pulls"
     );
-    for (d, _, _) in &setups {
+    for (d, ctd, _) in &setups {
+        // containerd checked every digest as it wrote the content; ask it what it holds.
+        let out = ctd.ctr(&["images", "check", "--snapshotter", "native"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("complete (4/4)") && text.contains("true"),
+            "{}: image not complete and unpacked in containerd:\n{text}",
+            d.host_id
+        );
         let blobs = d.metric("dfdaemon_mirror_requests_total", "reason=\"blob\"");
         assert!(
             blobs >= 4.0,

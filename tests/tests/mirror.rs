@@ -472,3 +472,54 @@ fn a_cached_blob_is_not_served_through_a_repository_that_does_not_link_it() {
         "the registry does not link it there"
     );
 }
+
+/// A registry that keeps blobs in object storage answers blob GETs with a 307 to a signed
+/// URL whose signature changes every time. The daemon follows it, the task is still the
+/// digest (not the URL), so a second daemon, and a second registry name for the same
+/// storage, get the blob from the swarm and the cache: storage sends it once.
+#[test]
+fn redirects_to_signed_storage_urls_are_followed_and_do_not_split_the_task() {
+    use std::collections::HashMap;
+    let root = tempfile::tempdir().unwrap();
+    let data = random_bytes(20 * MIB + 123, 404);
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let storage_path = format!("storage/blobs/{}", sha256_hex(&data));
+    let origin = tests::Origin::start_redirecting(
+        HashMap::from([(storage_path.clone(), data.clone())]),
+        HashMap::from([(format!("v2/redir/app/blobs/{digest}"), storage_path)]),
+    )
+    .unwrap();
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let daemons: Vec<DaemonProc> = (0..2)
+        .map(|i| DaemonProc::start(&sn, root.path(), &format!("r{i}"), &[]).unwrap())
+        .collect();
+    let port = origin.addr.port();
+    let get = |d: &DaemonProc, ns: &str| {
+        let (st, _, body) = http_request(
+            d.proxy_addr,
+            "GET",
+            &format!("/v2/redir/app/blobs/{digest}?ns={ns}"),
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(sha256_hex(&body), sha256_hex(&data));
+    };
+    get(&daemons[0], &format!("127.0.0.1:{port}"));
+    get(&daemons[1], &format!("127.0.0.1:{port}"));
+    // Another name for the same registry: a different upstream URL, the same blob.
+    get(&daemons[1], &format!("localhost:{port}"));
+    let ratio = origin.bytes_sent() as f64 / data.len() as f64;
+    eprintln!(
+        "storage sent {ratio:.4} x the blob over {} requests for 3 pulls",
+        origin.requests()
+    );
+    assert!(ratio <= 1.1, "storage sent {ratio:.3} x the blob");
+    let tasks = sn.get_json("/api/v1/tasks").unwrap();
+    let n = tasks.as_array().map_or(0, Vec::len);
+    assert_eq!(
+        n, 1,
+        "one task for the blob, whatever URL served it: {tasks}"
+    );
+}
