@@ -82,6 +82,18 @@ const JOB_DRAIN: Duration = Duration::from_secs(5);
 const BUSY_ROUNDS: u32 = 4;
 /// Wait before the next round, times the round number.
 const BUSY_BACKOFF: Duration = Duration::from_millis(50);
+/// Origin fetches started together with piece 0 wait this long at most for it to land.
+const HEAD_START: Duration = Duration::from_secs(2);
+
+/// Origin jobs planned together with piece 0 let it go first: a reader streams the
+/// content from piece 0, and ranges sharing one origin link would deliver it only when
+/// they all land (measured: a cold mirror blob's first byte came after 4 pieces, not 1).
+enum Gate {
+    None,
+    /// Piece 0's job: the others go when this sender is dropped (the job ended).
+    Opens(watch::Sender<()>),
+    Waits(watch::Receiver<()>),
+}
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -475,6 +487,8 @@ impl Engine {
             }
         }
 
+        let t0 = Instant::now();
+        tracing::debug!(task = %id, "registered with the supernode");
         // Layout: the supernode's, else ours from the store, else probe.
         let started = Instant::now();
         let mut probe_body: Option<BodyStream> = None;
@@ -571,6 +585,7 @@ impl Engine {
             p.layout = Some(layout);
             p.stored = stored_now;
         });
+        tracing::debug!(task = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "layout known");
         let count = layout.piece_count();
 
         // Announcer: batches landed pieces to the supernode off the driver's path.
@@ -625,6 +640,7 @@ impl Engine {
                     };
                     match self.control.call(&req).await {
                         Ok(ControlResponse::Schedule(r)) => {
+                            tracing::trace!(task = %id, assignments = r.assignments.len(), "scheduled");
                             sn_healthy = true;
                             if r.layout.is_some_and(|l| l != layout) {
                                 return Err(api_error(
@@ -733,7 +749,22 @@ impl Engine {
                     }
                     next_poll = now + Duration::from_millis(100);
                 }
+                let first_from_origin = !stored.contains(PieceIndex(0))
+                    && planned
+                        .iter()
+                        .any(|j| matches!(j, Job::Origin { piece, .. } if piece.0 == 0));
+                let (gate_tx, gate_rx) = watch::channel(());
+                let mut gate_tx = first_from_origin.then_some(gate_tx);
                 for job in planned {
+                    let gate = match &job {
+                        Job::Origin { piece, .. } if first_from_origin => {
+                            match (piece.0, gate_tx.take()) {
+                                (0, Some(tx)) => Gate::Opens(tx),
+                                _ => Gate::Waits(gate_rx.clone()),
+                            }
+                        }
+                        _ => Gate::None,
+                    };
                     match &job {
                         Job::Parents { piece, .. } | Job::Origin { piece, .. } => {
                             if busy.contains(*piece) || stored.contains(*piece) {
@@ -752,6 +783,7 @@ impl Engine {
                         h.clone(),
                         layout,
                         job,
+                        gate,
                         headers.clone(),
                         known.clone(),
                         ev_tx.clone(),
@@ -845,6 +877,7 @@ impl Engine {
                 busy.remove(piece);
                 known.insert(piece, digest);
                 h.set_stored(piece, true);
+                tracing::trace!(task = %h.id, %piece, ?source, "piece stored");
                 if source == AnnounceSource::Origin {
                     h.from_origin.fetch_add(1, Ordering::Relaxed);
                     self.metrics.got_piece("origin", bytes);
@@ -884,11 +917,22 @@ impl Engine {
         h: Arc<TaskHandle>,
         layout: PieceLayout,
         job: Job,
+        gate: Gate,
         headers: HeaderMap,
         known: HashMap<PieceIndex, Sha256Digest>,
         events: mpsc::Sender<Event>,
     ) {
         let id = h.id;
+        // Held until this job ends; dropping it lets the gated jobs go.
+        let _opens = match gate {
+            Gate::Waits(mut rx) => {
+                // Err once the sender is gone: piece 0's job ended, either way.
+                let _ = tokio::time::timeout(HEAD_START, rx.changed()).await;
+                None
+            }
+            Gate::Opens(tx) => Some(tx),
+            Gate::None => None,
+        };
         match job {
             Job::Parents {
                 piece,

@@ -33,8 +33,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use proto::Sha256Digest;
 use proto::api::DownloadRequest;
+use proto::{PieceIndex, Sha256Digest};
 use sha2::{Digest, Sha256};
 
 use crate::api::{content_stream, status_for};
@@ -805,6 +805,7 @@ async fn blob(
         Ok(h) => h,
         Err(resp) => return *resp,
     };
+    tracing::debug!(%digest, "blob access checked upstream");
     if method == Method::HEAD {
         let mut head_headers = head_headers;
         head_headers.insert(
@@ -857,6 +858,22 @@ async fn blob(
         },
         None => (StatusCode::OK, 0..len),
     };
+    // The status line goes out once the first piece to send is verified (and, if it is
+    // the last one, the whole blob matched its digest): failures before that are an
+    // error status containerd acts on, not a broken body. The caller bounds this wait.
+    if !range.is_empty() {
+        let first = PieceIndex((range.start / u64::from(layout.piece_size)) as u32);
+        if let Err(e) = h
+            .wait_piece(first, first.0 + 1 == layout.piece_count())
+            .await
+        {
+            let status = e
+                .origin_status
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or_else(|| status_for(e.kind));
+            return oci_error(status, "BLOB_UNKNOWN", e.message);
+        }
+    }
     let mut resp = Response::builder()
         .status(status)
         .header(header::CONTENT_LENGTH, range.end - range.start)

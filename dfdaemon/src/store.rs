@@ -417,10 +417,10 @@ impl Store {
             })?;
         self.pieces
             .insert(piece_key(task, piece), digest.as_bytes().as_slice())?;
-        // Make the record durable before anyone is told the piece exists, so a killed
-        // daemon resumes from every piece it announced. The data itself needs no fsync:
-        // reads verify, so a torn write after power loss is refetched, never served.
-        self.db.flush()?;
+        // Not flushed here: local readers may use the piece at once (it is verified on
+        // every read), and the announcer's group commit ([`Store::sync`]) makes the record
+        // durable before any other host is told the piece exists. One fsync per piece
+        // here cost a cold mirror blob its first-byte time and every piece its latency.
         let mut entries = self.lock();
         if let Some(e) = entries.get_mut(task) {
             e.stored.insert(piece);
