@@ -273,6 +273,7 @@ enum Job {
     Origin {
         piece: PieceIndex,
         expected: Option<Sha256Digest>,
+        gate: Gate,
     },
     /// The whole content; with the probe's body when that request already carries it.
     OriginWhole(Option<BodyStream>),
@@ -670,6 +671,7 @@ impl Engine {
                                     PieceSource::Origin => planned.push(Job::Origin {
                                         piece: a.piece,
                                         expected: known.get(&a.piece).copied(),
+                                        gate: Gate::None,
                                     }),
                                     PieceSource::OriginWhole => {
                                         planned.push(Job::OriginWhole(probe_body.take()))
@@ -744,6 +746,7 @@ impl Engine {
                             expected => planned.push(Job::Origin {
                                 piece,
                                 expected: expected.copied(),
+                                gate: Gate::None,
                             }),
                         }
                     }
@@ -755,16 +758,15 @@ impl Engine {
                         .any(|j| matches!(j, Job::Origin { piece, .. } if piece.0 == 0));
                 let (gate_tx, gate_rx) = watch::channel(());
                 let mut gate_tx = first_from_origin.then_some(gate_tx);
-                for job in planned {
-                    let gate = match &job {
-                        Job::Origin { piece, .. } if first_from_origin => {
-                            match (piece.0, gate_tx.take()) {
-                                (0, Some(tx)) => Gate::Opens(tx),
-                                _ => Gate::Waits(gate_rx.clone()),
-                            }
-                        }
-                        _ => Gate::None,
-                    };
+                for mut job in planned {
+                    if let Job::Origin { piece, gate, .. } = &mut job
+                        && first_from_origin
+                    {
+                        *gate = match (piece.0, gate_tx.take()) {
+                            (0, Some(tx)) => Gate::Opens(tx),
+                            _ => Gate::Waits(gate_rx.clone()),
+                        };
+                    }
                     match &job {
                         Job::Parents { piece, .. } | Job::Origin { piece, .. } => {
                             if busy.contains(*piece) || stored.contains(*piece) {
@@ -783,7 +785,6 @@ impl Engine {
                         h.clone(),
                         layout,
                         job,
-                        gate,
                         headers.clone(),
                         known.clone(),
                         ev_tx.clone(),
@@ -917,22 +918,11 @@ impl Engine {
         h: Arc<TaskHandle>,
         layout: PieceLayout,
         job: Job,
-        gate: Gate,
         headers: HeaderMap,
         known: HashMap<PieceIndex, Sha256Digest>,
         events: mpsc::Sender<Event>,
     ) {
         let id = h.id;
-        // Held until this job ends; dropping it lets the gated jobs go.
-        let _opens = match gate {
-            Gate::Waits(mut rx) => {
-                // Err once the sender is gone: piece 0's job ended, either way.
-                let _ = tokio::time::timeout(HEAD_START, rx.changed()).await;
-                None
-            }
-            Gate::Opens(tx) => Some(tx),
-            Gate::None => None,
-        };
         match job {
             Job::Parents {
                 piece,
@@ -944,7 +934,21 @@ impl Engine {
                     .await;
                 let _ = events.send(ev).await;
             }
-            Job::Origin { piece, expected } => {
+            Job::Origin {
+                piece,
+                expected,
+                gate,
+            } => {
+                // Held until this job ends; dropping it lets the gated jobs go.
+                let _opens = match gate {
+                    Gate::Waits(mut rx) => {
+                        // Err once the sender is gone: piece 0's job ended, either way.
+                        let _ = tokio::time::timeout(HEAD_START, rx.changed()).await;
+                        None
+                    }
+                    Gate::Opens(tx) => Some(tx),
+                    Gate::None => None,
+                };
                 let ev = self
                     .fetch_from_origin(id, &h.request.url, &headers, layout, piece, expected)
                     .await;
