@@ -3,7 +3,9 @@
 //! cached), through a cold one (blobs fetched from the registry as the pull runs); and
 //! time to first byte of a cold blob, registry vs mirror.
 //!
-//! Size: 3 layers of `BENCH_LAYER_MIB` (default 64) MiB of random data.
+//! Size: 3 layers of `BENCH_LAYER_MIB` (default 64) MiB of random data; `BENCH_ROUNDS`
+//! (default 3) rounds of direct, cold, warm, each containerd removed and synced after its
+//! pull; medians reported.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -37,7 +39,8 @@ fn timed_pull(
     hosts: &std::path::Path,
     reference: &str,
 ) -> Duration {
-    let ctd = Containerd::start(&root.join(format!("ctd-{label}"))).unwrap();
+    let dir = root.join(format!("ctd-{label}"));
+    let ctd = Containerd::start(&dir).unwrap();
     let t = Instant::now();
     let out = ctd.pull(hosts, reference);
     let el = t.elapsed();
@@ -46,6 +49,11 @@ fn timed_pull(
         "{label}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A finished pull leaves ~2x the image as dirty pages; written back during the next
+    // pull, they would be charged to it (measured: +/-50% between identical runs).
+    drop(ctd);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::process::Command::new("sync").status();
     el
 }
 
@@ -84,22 +92,35 @@ fn main() {
     let reg = Registry::start(&root.path().join("registry"), None).unwrap();
     let size = tests::push_tar_image(&reg, "bench/app", layer_mib * MIB, 300).unwrap();
     let reference = format!("{}/bench/app:v1", reg.addr);
-    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
-    let d = DaemonProc::start(&sn, root.path(), "bench0", &[]).unwrap();
-
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let direct_hosts = hosts_dir(root.path(), "hosts-direct", &reg, None);
-    let mirror_hosts = hosts_dir(root.path(), "hosts-mirror", &reg, Some(d.proxy_addr));
-    let sync = || {
-        let _ = std::process::Command::new("sync").status();
-    };
-    sync();
-    let direct = timed_pull(root.path(), "direct", &direct_hosts, &reference);
-    sync();
-    let cold = timed_pull(root.path(), "cold", &mirror_hosts, &reference);
-    sync();
-    let warm = timed_pull(root.path(), "warm", &mirror_hosts, &reference);
-    sync();
-    let direct2 = timed_pull(root.path(), "direct2", &direct_hosts, &reference);
+    let (mut direct, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    let mut last = None;
+    for r in 0..rounds {
+        // A fresh supernode and daemon per round, so the cold pull is cold.
+        let sn = SupernodeProc::start(&root.path().join(format!("sn{r}"))).unwrap();
+        let d = DaemonProc::start(&sn, root.path(), &format!("bench{r}"), &[]).unwrap();
+        let mirror_hosts = hosts_dir(
+            root.path(),
+            &format!("hosts-mirror{r}"),
+            &reg,
+            Some(d.proxy_addr),
+        );
+        direct.push(timed_pull(root.path(), "direct", &direct_hosts, &reference));
+        cold.push(timed_pull(root.path(), "cold", &mirror_hosts, &reference));
+        warm.push(timed_pull(root.path(), "warm", &mirror_hosts, &reference));
+        eprintln!(
+            "round {r}: direct {:.3} s, cold {:.3} s, warm {:.3} s",
+            direct[r].as_secs_f64(),
+            cold[r].as_secs_f64(),
+            warm[r].as_secs_f64()
+        );
+        last = Some((sn, d));
+    }
+    let (_sn, d) = last.expect("at least one round");
 
     // Time to first byte of a blob nobody has: registry vs a daemon's mirror.
     let mut reg_ttfb = Vec::new();
@@ -119,14 +140,18 @@ fn main() {
     mirror_ttfb.sort();
     let med = |v: &[Duration]| v[v.len() / 2].as_secs_f64() * 1000.0;
 
-    let best_direct = direct.min(direct2);
+    for v in [&mut direct, &mut cold, &mut warm] {
+        v.sort();
+    }
+    let median = |v: &[Duration]| v[v.len() / 2];
+    let (best_direct, cold, warm) = (median(&direct), median(&cold), median(&warm));
     println!(
-        "| `ctr images pull` of a {:.0} MiB 3-layer image | time | vs direct |",
+        "| `ctr images pull` of a {:.0} MiB 3-layer image (median of {rounds}) | time | vs direct |",
         size as f64 / MIB as f64
     );
     println!("|---|---|---|");
     println!(
-        "| straight from the registry (best of 2) | {:.3} s | 1.00 |",
+        "| straight from the registry | {:.3} s | 1.00 |",
         best_direct.as_secs_f64()
     );
     println!(
