@@ -227,20 +227,32 @@ async fn absolute(st: Arc<ProxyState>, req: Request<Body>) -> Response {
         Metrics::count(&st.metrics.proxy_requests, "refused");
         return *resp;
     }
-    if let Some(target) = mirror::pull_target(req.method(), uri.path()) {
+    pull_or_forward(&st, req, &registry, "http", uri.to_string()).await
+}
+
+/// Pulls (`GET`/`HEAD` of a manifest or blob) are answered by the mirror logic, so they
+/// go through the P2P network; anything else goes to `url` as it is.
+async fn pull_or_forward(
+    st: &ProxyState,
+    req: Request<Body>,
+    registry: &str,
+    scheme: &str,
+    url: String,
+) -> Response {
+    if let Some(target) = mirror::pull_target(req.method(), req.uri().path()) {
         Metrics::count(&st.metrics.proxy_requests, "pull");
         return mirror::pull(
             &st.mirror,
             req.method(),
             req.headers(),
             target,
-            &registry,
-            "http",
+            registry,
+            scheme,
         )
         .await;
     }
     Metrics::count(&st.metrics.proxy_requests, "forward");
-    forward(&st, req, uri.to_string()).await
+    forward(st, req, url).await
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) and proxy credentials never travel on.
@@ -428,19 +440,6 @@ async fn connect(st: Arc<ProxyState>, mut req: Request<Body>) -> Response {
 /// A request inside an intercepted TLS session to `registry`: pulls through the mirror
 /// logic (over https upstream), the rest passed through.
 async fn intercepted(st: Arc<ProxyState>, registry: &str, req: Request<Body>) -> Response {
-    let path = req.uri().path().to_string();
-    if let Some(target) = mirror::pull_target(req.method(), &path) {
-        Metrics::count(&st.metrics.proxy_requests, "pull");
-        return mirror::pull(
-            &st.mirror,
-            req.method(),
-            req.headers(),
-            target,
-            registry,
-            "https",
-        )
-        .await;
-    }
     let pq = req
         .uri()
         .path_and_query()
@@ -449,6 +448,5 @@ async fn intercepted(st: Arc<ProxyState>, registry: &str, req: Request<Body>) ->
     if url.parse::<Uri>().is_err() {
         return plain_error(StatusCode::BAD_REQUEST, "bad request path");
     }
-    Metrics::count(&st.metrics.proxy_requests, "forward");
-    forward(&st, req, url).await
+    pull_or_forward(&st, req, registry, "https", url).await
 }
