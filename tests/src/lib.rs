@@ -717,6 +717,12 @@ impl Registry {
         Self::start_inner(dir, &dir.join("data"), htpasswd, None)
     }
 
+    /// A second registry process serving `of`'s storage with token auth from `tokens`
+    /// (push to `of`, pull from this one).
+    pub fn start_token_auth(dir: &Path, of: &Path, tokens: &TokenServer) -> anyhow::Result<Self> {
+        Self::start_full(dir, &of.join("data"), None, None, Some(tokens))
+    }
+
     /// A second registry process serving `of`'s storage over HTTPS with `cert`/`key`
     /// (push to `of`, pull from this one).
     pub fn start_tls(dir: &Path, of: &Path, cert: &Path, key: &Path) -> anyhow::Result<Self> {
@@ -728,6 +734,16 @@ impl Registry {
         data: &Path,
         htpasswd: Option<&Path>,
         tls: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(dir, data, htpasswd, tls, None)
+    }
+
+    fn start_full(
+        dir: &Path,
+        data: &Path,
+        htpasswd: Option<&Path>,
+        tls: Option<(&Path, &Path)>,
+        tokens: Option<&TokenServer>,
     ) -> anyhow::Result<Self> {
         let bin = Path::new("/usr/bin/docker-registry");
         if !bin.exists() {
@@ -742,6 +758,14 @@ impl Registry {
                 p.display()
             )
         });
+        let auth = match tokens {
+            Some(t) => format!(
+                "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                t.realm(),
+                t.cert.display()
+            ),
+            None => auth,
+        };
         let tls = tls.map_or(String::new(), |(c, k)| {
             format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
@@ -1040,4 +1064,204 @@ pub fn test_server_cert(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf
     std::fs::write(&paths.1, cert.pem())?;
     std::fs::write(&paths.2, key.serialize_pem())?;
     Ok(paths)
+}
+
+pub const TOKEN_SERVICE: &str = "test-registry";
+pub const TOKEN_ISSUER: &str = "test-token-issuer";
+
+/// A registry token service (the Docker token protocol, as Docker Hub, GHCR and Harbor
+/// speak it): `GET /token?service=..&scope=repository:NAME:pull` with Basic credentials
+/// answers a JWT (ES256, certificate in `x5c`) granting pull on NAME to known users;
+/// anonymous callers get a token granting nothing; wrong credentials get 401.
+pub struct TokenServer {
+    pub addr: SocketAddr,
+    /// The signing certificate, for the registry's `rootcertbundle`.
+    pub cert: PathBuf,
+    issued: Arc<AtomicU64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+#[derive(serde::Serialize)]
+struct Access {
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+    actions: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Claims {
+    iss: String,
+    sub: String,
+    aud: String,
+    exp: u64,
+    nbf: u64,
+    iat: u64,
+    jti: String,
+    access: Vec<Access>,
+}
+
+impl TokenServer {
+    pub fn start(dir: &Path, users: &[(&str, &str)]) -> anyhow::Result<Self> {
+        use base64::Engine as _;
+        std::fs::create_dir_all(dir)?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec!["token-signer".to_string()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "token signer");
+        let cert = params.self_signed(&key)?;
+        let cert_path = dir.join("token-signer.pem");
+        std::fs::write(&cert_path, cert.pem())?;
+        let x5c = base64::engine::general_purpose::STANDARD.encode(cert.der());
+        let signing = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())?;
+        let users: HashMap<String, String> = users
+            .iter()
+            .map(|(u, p)| {
+                (
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                    ),
+                    u.to_string(),
+                )
+            })
+            .collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let issued = Arc::new(AtomicU64::new(0));
+        let state = Arc::new((users, signing, x5c, issued.clone()));
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (users, signing, x5c, issued) = &*state;
+                            let resp = token_answer(&req, users, signing, x5c, issued);
+                            async move { Ok::<_, std::convert::Infallible>(resp) }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            cert: cert_path,
+            issued,
+            _rt: rt,
+        })
+    }
+
+    pub fn realm(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    /// Tokens granting some access handed out so far.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
+    }
+}
+
+fn token_answer(
+    req: &Request<hyper::body::Incoming>,
+    users: &HashMap<String, String>,
+    signing: &jsonwebtoken::EncodingKey,
+    x5c: &str,
+    issued: &AtomicU64,
+) -> Response<http_body_util::Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .expect("response")
+    };
+    // The GET flavour only (containerd tries an OAuth2 POST first and falls back on 405).
+    if req.method() != hyper::Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"details":"GET only"}"#.into(),
+        );
+    }
+    let query = req.uri().query().unwrap_or("");
+    let scopes: Vec<String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "scope")
+        .map(|(_, v)| {
+            v.replace("%3A", ":")
+                .replace("%2F", "/")
+                .replace("%2C", ",")
+        })
+        .collect();
+    let user = match req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => None,
+        Some(a) => match users.get(a) {
+            Some(u) => Some(u.clone()),
+            None => {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"details":"bad credentials"}"#.into(),
+                );
+            }
+        },
+    };
+    let access: Vec<Access> = match &user {
+        None => Vec::new(),
+        Some(_) => scopes
+            .iter()
+            .filter_map(|s| {
+                let mut parts = s.splitn(3, ':');
+                let (kind, name, _actions) = (parts.next()?, parts.next()?, parts.next()?);
+                Some(Access {
+                    kind: kind.to_string(),
+                    name: name.to_string(),
+                    actions: vec!["pull".to_string()],
+                })
+            })
+            .collect(),
+    };
+    if !access.is_empty() {
+        issued.fetch_add(1, Ordering::Relaxed);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        iss: TOKEN_ISSUER.into(),
+        sub: user.unwrap_or_default(),
+        aud: TOKEN_SERVICE.into(),
+        exp: now + 300,
+        nbf: now.saturating_sub(10),
+        iat: now,
+        jti: format!("{now}-{}", issued.load(Ordering::Relaxed)),
+        access,
+    };
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.x5c = Some(vec![x5c.to_string()]);
+    match jsonwebtoken::encode(&header, &claims, signing) {
+        Ok(t) => reply(
+            StatusCode::OK,
+            format!(r#"{{"token":"{t}","access_token":"{t}","expires_in":300}}"#),
+        ),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(r#"{{"details":"{e}"}}"#),
+        ),
+    }
 }
