@@ -516,64 +516,42 @@ impl Origin {
         let addr = listener.local_addr()?;
         {
             let (sent, requests) = (sent.clone(), requests.clone());
-            rt.spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
+            serve_http(&rt, listener, move |req| {
+                requests.fetch_add(1, Ordering::Relaxed);
+                let head = req.method() == hyper::Method::HEAD;
+                let sent = sent.clone();
+                // Count bytes as hyper pulls them for the socket, so a client
+                // that hangs up early is not charged for the whole body.
+                let answer = match redirects.get(req.uri().path().trim_start_matches('/')) {
+                    Some(to) => {
+                        let n = signatures.fetch_add(1, Ordering::Relaxed);
+                        Response::builder()
+                            .status(StatusCode::TEMPORARY_REDIRECT)
+                            .header(
+                                hyper::header::LOCATION,
+                                format!("/{to}?X-Amz-Expires=60&X-Amz-Signature={n:08x}"),
+                            )
+                            .header(hyper::header::CONTENT_LENGTH, 0)
+                            .body(Bytes::new())
+                            .expect("response")
+                    }
+                    None => serve(&files, &req, ranges),
+                };
+                answer.map(move |body: Bytes| {
+                    let chunks: Vec<Bytes> = if head {
+                        Vec::new()
+                    } else {
+                        (0..body.len())
+                            .step_by(CHUNK)
+                            .map(|i| body.slice(i..(i + CHUNK).min(body.len())))
+                            .collect()
                     };
-                    let (files, sent, requests) = (files.clone(), sent.clone(), requests.clone());
-                    let (redirects, signatures) = (redirects.clone(), signatures.clone());
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(
-                            move |req: Request<hyper::body::Incoming>| {
-                                requests.fetch_add(1, Ordering::Relaxed);
-                                let head = req.method() == hyper::Method::HEAD;
-                                let sent = sent.clone();
-                                // Count bytes as hyper pulls them for the socket, so a client
-                                // that hangs up early is not charged for the whole body.
-                                let answer =
-                                    match redirects.get(req.uri().path().trim_start_matches('/')) {
-                                        Some(to) => {
-                                            let n = signatures.fetch_add(1, Ordering::Relaxed);
-                                            Response::builder()
-                                            .status(StatusCode::TEMPORARY_REDIRECT)
-                                            .header(
-                                                hyper::header::LOCATION,
-                                                format!(
-                                                    "/{to}?X-Amz-Expires=60&X-Amz-Signature={n:08x}"
-                                                ),
-                                            )
-                                            .header(hyper::header::CONTENT_LENGTH, 0)
-                                            .body(Bytes::new())
-                                            .expect("response")
-                                        }
-                                        None => serve(&files, &req, ranges),
-                                    };
-                                let resp = answer.map(move |body: Bytes| {
-                                    let chunks: Vec<Bytes> = if head {
-                                        Vec::new()
-                                    } else {
-                                        (0..body.len())
-                                            .step_by(CHUNK)
-                                            .map(|i| body.slice(i..(i + CHUNK).min(body.len())))
-                                            .collect()
-                                    };
-                                    let stream = futures_util::stream::iter(chunks).map(move |c| {
-                                        sent.fetch_add(c.len() as u64, Ordering::Relaxed);
-                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-                                            c,
-                                        ))
-                                    });
-                                    http_body_util::StreamBody::new(stream)
-                                });
-                                async move { Ok::<_, std::convert::Infallible>(resp) }
-                            },
-                        );
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
+                    let stream = futures_util::stream::iter(chunks).map(move |c| {
+                        sent.fetch_add(c.len() as u64, Ordering::Relaxed);
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))
                     });
-                }
+                    http_body_util::StreamBody::new(stream)
+                })
             });
         }
         Ok(Self {
@@ -595,6 +573,36 @@ impl Origin {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+}
+
+/// Serves HTTP/1.1 on `listener` from `rt`, answering each request with `answer`.
+fn serve_http<B>(
+    rt: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    answer: impl Fn(Request<hyper::body::Incoming>) -> Response<B> + Send + Sync + 'static,
+) where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let answer = Arc::new(answer);
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let resp = answer(req);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
 }
 
 /// Body chunk size of the test origin; bounds how far the byte count runs ahead of the socket.
@@ -1135,24 +1143,9 @@ impl TokenServer {
         let addr = listener.local_addr()?;
         let issued = Arc::new(AtomicU64::new(0));
         let state = Arc::new((users, signing, x5c, issued.clone()));
-        rt.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let (users, signing, x5c, issued) = &*state;
-                            let resp = token_answer(&req, users, signing, x5c, issued);
-                            async move { Ok::<_, std::convert::Infallible>(resp) }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        serve_http(&rt, listener, move |req| {
+            let (users, signing, x5c, issued) = &*state;
+            token_answer(&req, users, signing, x5c, issued)
         });
         Ok(Self {
             addr,
