@@ -168,6 +168,16 @@ impl Host {
     }
 }
 
+/// Parent candidates ranked per decision; above this many peers a window is ranked.
+const MAX_CANDIDATES: usize = 256;
+
+struct Candidate<'a> {
+    score: f64,
+    id: &'a HostId,
+    host: &'a Host,
+    have: &'a PieceSet,
+}
+
 #[derive(Debug)]
 struct TaskPeer {
     have: PieceSet,
@@ -177,6 +187,11 @@ struct TaskPeer {
 struct Task {
     record: TaskRecord,
     peers: HashMap<HostId, TaskPeer>,
+    /// How many peers hold each piece, kept in step with `peers` so that rarest-first
+    /// costs O(pieces) per decision, not O(peers x pieces).
+    holders: Vec<u32>,
+    /// Decisions made so far; moves the parent-candidate window in large swarms.
+    rotation: usize,
     probe: Option<Lease>,
     origin_leases: HashMap<PieceIndex, Lease>,
     whole_lease: Option<Lease>,
@@ -185,9 +200,12 @@ struct Task {
 
 impl Task {
     fn new(record: TaskRecord, now: Instant) -> Self {
+        let holders = vec![0; record.layout.map_or(0, |l| l.piece_count()) as usize];
         Self {
             record,
             peers: HashMap::new(),
+            holders,
+            rotation: 0,
             probe: None,
             origin_leases: HashMap::new(),
             whole_lease: None,
@@ -213,8 +231,26 @@ impl Task {
             .collect()
     }
 
+    fn count_holders(holders: &mut [u32], have: &PieceSet, add: bool) {
+        for p in have.iter() {
+            if let Some(c) = holders.get_mut(p.0 as usize) {
+                *c = if add { *c + 1 } else { c.saturating_sub(1) };
+            }
+        }
+    }
+
+    /// Replaces what `host` holds, keeping the holder counts right.
+    fn set_have(&mut self, host: &HostId, have: PieceSet) {
+        Self::count_holders(&mut self.holders, &have, true);
+        if let Some(old) = self.peers.insert(host.clone(), TaskPeer { have }) {
+            Self::count_holders(&mut self.holders, &old.have, false);
+        }
+    }
+
     fn release_host(&mut self, host: &HostId) {
-        self.peers.remove(host);
+        if let Some(old) = self.peers.remove(host) {
+            Self::count_holders(&mut self.holders, &old.have, false);
+        }
         self.origin_leases.retain(|_, l| &l.host != host);
         if self.whole_lease.as_ref().is_some_and(|l| &l.host == host) {
             self.whole_lease = None;
@@ -469,6 +505,7 @@ impl Scheduler {
         for p in task.peers.values_mut() {
             p.have = PieceSet::new(layout.piece_count());
         }
+        task.holders = vec![0; layout.piece_count() as usize];
         self.dirty.push(task_id);
         Ok(layout)
     }
@@ -514,7 +551,12 @@ impl Scheduler {
                 // A peer-fetched piece can't exist without a record; ignore it.
                 (None, AnnounceSource::Peer) => continue,
             }
-            peer.have.insert(rec.piece);
+            if !peer.have.contains(rec.piece) {
+                peer.have.insert(rec.piece);
+                if let Some(c) = task.holders.get_mut(rec.piece.0 as usize) {
+                    *c += 1;
+                }
+            }
             if task
                 .origin_leases
                 .get(&rec.piece)
@@ -570,8 +612,12 @@ impl Scheduler {
         let Some(parent) = parent else { return Ok(()) };
         if let Some(p) = task.peers.get_mut(parent)
             && matches!(reason, PieceFailure::Corrupt | PieceFailure::NotFound)
+            && p.have.contains(piece)
         {
             p.have.remove(piece);
+            if let Some(c) = task.holders.get_mut(piece.0 as usize) {
+                *c = c.saturating_sub(1);
+            }
         }
         if let Some(h) = self.hosts.get_mut(parent) {
             match reason {
@@ -676,10 +722,9 @@ impl Scheduler {
                 have.remove(p);
             }
         }
-        task.peers
-            .insert(host.clone(), TaskPeer { have: have.clone() });
+        task.set_have(host, have.clone());
 
-        let order = Self::piece_order(cfg, task, &have, busy, &self.hosts, now);
+        let order = Self::piece_order(cfg, task, &have, busy);
         let max = max_assignments.min(MAX_ASSIGNMENTS) as usize;
         let mut held_leases = task
             .origin_leases
@@ -688,6 +733,15 @@ impl Scheduler {
             .count() as u32;
         let mut assignments = Vec::new();
         let requester = self.hosts.get(host);
+        task.rotation = task.rotation.wrapping_add(1);
+        let candidates = Self::candidates(
+            &task.peers,
+            host,
+            requester,
+            &self.hosts,
+            now,
+            task.rotation,
+        );
         let mut first_choices = Vec::new();
         let mut whole_assigned = false;
         for piece in order {
@@ -696,8 +750,17 @@ impl Scheduler {
             }
             let digest = task.record.digests[piece.0 as usize];
             if let Some(digest) = digest {
-                let parents =
-                    Self::rank_parents(cfg, task, piece, host, requester, &self.hosts, now);
+                let parents = Self::rank_parents(
+                    cfg,
+                    &task.peers,
+                    &task.holders,
+                    &candidates,
+                    piece,
+                    host,
+                    requester,
+                    &self.hosts,
+                    now,
+                );
                 if !parents.is_empty() {
                     first_choices.push(parents[0].host.clone());
                     assignments.push(Assignment {
@@ -775,69 +838,114 @@ impl Scheduler {
         task: &Task,
         have: &PieceSet,
         busy: &PieceSet,
-        hosts: &HashMap<HostId, Host>,
-        now: Instant,
     ) -> Vec<PieceIndex> {
         let wanted: Vec<PieceIndex> = have.missing().filter(|p| !busy.contains(*p)).collect();
         let lookahead = (cfg.in_order_lookahead as usize).min(wanted.len());
         // Lookahead counts from the first piece not yet stored, busy or not.
         let first_missing = have.missing().next().map_or(0, |p| p.0);
-        let (head, tail): (Vec<_>, Vec<_>) = wanted
+        let (head, mut tail): (Vec<_>, Vec<_>) = wanted
             .into_iter()
             .partition(|p| p.0 < first_missing + lookahead as u32);
-        let mut holders = vec![0u32; have.len() as usize];
-        for (id, peer) in &task.peers {
-            if hosts.get(id).is_some_and(|h| h.usable_parent(now)) {
-                for p in peer.have.iter() {
-                    if let Some(c) = holders.get_mut(p.0 as usize) {
-                        *c += 1;
-                    }
-                }
-            }
-        }
-        let mut tail = tail;
-        tail.sort_by_key(|p| (holders[p.0 as usize] == 0, holders[p.0 as usize], p.0));
+        let holders = |p: &PieceIndex| task.holders.get(p.0 as usize).copied().unwrap_or(0);
         // Pieces nobody has sort last within the rarest-first tail (so that held pieces
         // get replicated before more origin leases are taken) - but they still get
         // assigned in the same reply when the lease budget allows.
+        tail.sort_by_key(|p| (holders(p) == 0, holders(p), p.0));
         head.into_iter().chain(tail).collect()
     }
 
+    /// Parent candidates for one decision, best first: every other usable peer of the
+    /// task, or in a large swarm a rotating window of [`MAX_CANDIDATES`] of them (a full
+    /// ranking of thousands of peers per decision cost milliseconds; the window moves with
+    /// every decision, so load still spreads over the whole swarm).
+    fn candidates<'a>(
+        peers: &'a HashMap<HostId, TaskPeer>,
+        requester_id: &HostId,
+        requester: Option<&Host>,
+        hosts: &'a HashMap<HostId, Host>,
+        now: Instant,
+        rotation: usize,
+    ) -> Vec<Candidate<'a>> {
+        let n = peers.len();
+        let start = if n > MAX_CANDIDATES {
+            rotation.wrapping_mul(MAX_CANDIDATES) % n
+        } else {
+            0
+        };
+        let mut scored: Vec<Candidate<'a>> = peers
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(n.min(MAX_CANDIDATES))
+            .filter(|(id, _)| *id != requester_id)
+            .filter_map(|(id, p)| hosts.get(id).map(|h| (id, p, h)))
+            .filter(|(_, _, h)| h.usable_parent(now))
+            .map(|(id, p, h)| Candidate {
+                score: Self::parent_score(requester, h, now),
+                id,
+                host: h,
+                have: &p.have,
+            })
+            .collect();
+        scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(b.id)));
+        scored
+    }
+
+    /// 0.6 x idle (upload slots free) + 0.4 x topology (same idc 1, zone 2, rack 4, of 7).
+    fn parent_score(requester: Option<&Host>, h: &Host, now: Instant) -> f64 {
+        let locality = requester.map_or(0.0, |r| {
+            let same = |k| r.label(k).is_some() && r.label(k) == h.label(k);
+            f64::from(u8::from(same("idc")))
+                + 2.0 * f64::from(u8::from(same("zone")))
+                + 4.0 * f64::from(u8::from(same("rack")))
+        }) / 7.0;
+        let idle = 1.0 - h.load(now).min(1.0);
+        0.6 * idle + 0.4 * locality
+    }
+
+    /// The best holders of `piece` among `candidates`; if the window holds none but
+    /// someone does, all holders are ranked (never send a held piece to the origin).
+    #[allow(clippy::too_many_arguments)]
     fn rank_parents(
         cfg: &SchedulerConfig,
-        task: &Task,
+        peers: &HashMap<HostId, TaskPeer>,
+        holders: &[u32],
+        candidates: &[Candidate<'_>],
         piece: PieceIndex,
         requester_id: &HostId,
         requester: Option<&Host>,
         hosts: &HashMap<HostId, Host>,
         now: Instant,
     ) -> Vec<ParentRef> {
-        let mut scored: Vec<(f64, &HostId, &Host)> = task
-            .peers
+        let k = cfg.parents_per_piece.min(MAX_PARENTS_PER_PIECE);
+        let to_ref = |c: &Candidate<'_>| ParentRef {
+            host: c.id.clone(),
+            addr: c.host.info.peer_addr,
+        };
+        let picked: Vec<ParentRef> = candidates
+            .iter()
+            .filter(|c| c.have.contains(piece))
+            .take(k)
+            .map(to_ref)
+            .collect();
+        let held = holders.get(piece.0 as usize).copied().unwrap_or(0);
+        if !picked.is_empty() || held == 0 || peers.len() <= MAX_CANDIDATES {
+            return picked;
+        }
+        let mut all: Vec<Candidate<'_>> = peers
             .iter()
             .filter(|(id, p)| *id != requester_id && p.have.contains(piece))
-            .filter_map(|(id, _)| hosts.get(id).map(|h| (id, h)))
-            .filter(|(_, h)| h.usable_parent(now))
-            .map(|(id, h)| {
-                let locality = requester.map_or(0.0, |r| {
-                    let same = |k| r.label(k).is_some() && r.label(k) == h.label(k);
-                    f64::from(u8::from(same("idc")))
-                        + 2.0 * f64::from(u8::from(same("zone")))
-                        + 4.0 * f64::from(u8::from(same("rack")))
-                }) / 7.0;
-                let idle = 1.0 - h.load(now).min(1.0);
-                (0.6 * idle + 0.4 * locality, id, h)
+            .filter_map(|(id, p)| hosts.get(id).map(|h| (id, p, h)))
+            .filter(|(_, _, h)| h.usable_parent(now))
+            .map(|(id, p, h)| Candidate {
+                score: Self::parent_score(requester, h, now),
+                id,
+                host: h,
+                have: &p.have,
             })
             .collect();
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-        scored
-            .into_iter()
-            .take(cfg.parents_per_piece.min(MAX_PARENTS_PER_PIECE))
-            .map(|(_, id, h)| ParentRef {
-                host: id.clone(),
-                addr: h.info.peer_addr,
-            })
-            .collect()
+        all.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(b.id)));
+        all.iter().take(k).map(to_ref).collect()
     }
 
     pub fn task_summaries(&self) -> Vec<TaskSummary> {
@@ -1360,5 +1468,32 @@ mod tests {
         }
         assert!(have.iter().all(|h| h.is_full()), "everyone done");
         assert_eq!(origin_fetches, pieces, "each piece left the origin once");
+    }
+
+    #[test]
+    fn large_swarm_finds_the_one_holder_outside_the_candidate_window() {
+        let n = MAX_CANDIDATES * 2 + 7;
+        let (mut s, now) = setup(n, 4, true);
+        let rec = [PieceRecord {
+            piece: PieceIndex(3),
+            digest: digest(3),
+        }];
+        s.handle_announce(&host(n - 1), task(), AnnounceSource::Origin, &rec, now)
+            .unwrap();
+        for h in 0..n - 1 {
+            let r = schedule(&mut s, h, &PieceSet::new(4), now);
+            let a = r
+                .assignments
+                .iter()
+                .find(|a| a.piece == PieceIndex(3))
+                .expect("piece 3 assigned");
+            match &a.source {
+                PieceSource::Parents { parents, .. } => assert_eq!(parents[0].host, host(n - 1)),
+                other => panic!("host {h}: a held piece went to {other:?}"),
+            }
+        }
+        let t = &s.tasks[&task()];
+        assert_eq!(t.holders[3], 1, "holder counts follow announces");
+        assert_eq!(t.holders[0], 0);
     }
 }
