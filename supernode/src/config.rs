@@ -34,6 +34,7 @@ pub struct SchedulerFile {
     pub origin_lease_secs: Option<u64>,
     pub probe_lease_secs: Option<u64>,
     pub origin_leases_per_host: Option<u32>,
+    pub origin_leases_per_task: Option<u32>,
     pub in_order_lookahead: Option<u32>,
     pub parents_per_piece: Option<usize>,
     pub min_piece_size: Option<u32>,
@@ -73,6 +74,10 @@ impl SchedulerFile {
             origin_leases_per_host: self
                 .origin_leases_per_host
                 .unwrap_or(d.origin_leases_per_host)
+                .max(1),
+            origin_leases_per_task: self
+                .origin_leases_per_task
+                .unwrap_or(d.origin_leases_per_task)
                 .max(1),
             in_order_lookahead: self.in_order_lookahead.unwrap_or(d.in_order_lookahead),
             parents_per_piece: self.parents_per_piece.unwrap_or(d.parents_per_piece).max(1),

@@ -36,6 +36,10 @@ pub const DEFAULT_PROBE_LEASE: Duration = Duration::from_secs(10);
 /// Origin pieces one host may hold leases on at once; spreads a cold fetch over peers
 /// instead of letting the first asker take the whole file.
 pub const DEFAULT_ORIGIN_LEASES_PER_HOST: u32 = 4;
+/// Origin fetches in flight for one task across all hosts. A few keep the origin's link
+/// busy; more would have every piece crawl in at once and land together at the end, with
+/// nothing for the peers to share meanwhile (the swarm then takes twice the bound).
+pub const DEFAULT_ORIGIN_LEASES_PER_TASK: u32 = 4;
 /// Missing pieces taken strictly in order before rarest-first applies, so a client
 /// streaming the content sees its next bytes soon.
 pub const DEFAULT_IN_ORDER_LOOKAHEAD: u32 = 4;
@@ -56,6 +60,7 @@ pub struct SchedulerConfig {
     pub origin_lease: Duration,
     pub probe_lease: Duration,
     pub origin_leases_per_host: u32,
+    pub origin_leases_per_task: u32,
     pub in_order_lookahead: u32,
     pub parents_per_piece: usize,
     pub min_piece_size: u32,
@@ -69,6 +74,7 @@ impl Default for SchedulerConfig {
             origin_lease: DEFAULT_ORIGIN_LEASE,
             probe_lease: DEFAULT_PROBE_LEASE,
             origin_leases_per_host: DEFAULT_ORIGIN_LEASES_PER_HOST,
+            origin_leases_per_task: DEFAULT_ORIGIN_LEASES_PER_TASK,
             in_order_lookahead: DEFAULT_IN_ORDER_LOOKAHEAD,
             parents_per_piece: DEFAULT_PARENTS_PER_PIECE,
             min_piece_size: DEFAULT_MIN_PIECE_SIZE,
@@ -731,6 +737,12 @@ impl Scheduler {
             .values()
             .filter(|l| &l.host == host && l.live(now))
             .count() as u32;
+        let mut task_leases = task.origin_leases.values().filter(|l| l.live(now)).count() as u32;
+        // The task's origin budget is shared out, so a cold fetch is split across peers
+        // (each then serves what it fetched) rather than taken by the first asker.
+        let host_lease_cap = cfg
+            .origin_leases_per_host
+            .min((cfg.origin_leases_per_task / task.peers.len().max(1) as u32).max(1));
         let mut assignments = Vec::new();
         let requester = self.hosts.get(host);
         task.rotation = task.rotation.wrapping_add(1);
@@ -794,7 +806,11 @@ impl Scheduler {
             }
             match task.origin_leases.get(&piece) {
                 Some(l) if l.live(now) => continue,
-                _ if held_leases >= cfg.origin_leases_per_host => continue,
+                _ if held_leases >= host_lease_cap
+                    || task_leases >= cfg.origin_leases_per_task =>
+                {
+                    continue;
+                }
                 _ => {
                     task.origin_leases.insert(
                         piece,
@@ -804,6 +820,7 @@ impl Scheduler {
                         },
                     );
                     held_leases += 1;
+                    task_leases += 1;
                     assignments.push(Assignment {
                         piece,
                         source: PieceSource::Origin,
@@ -1132,24 +1149,33 @@ mod tests {
 
     #[test]
     fn cold_pieces_leased_to_one_peer_each() {
+        // 4 peers share the task's origin budget of 4: one range each, all different.
         let (mut s, now) = setup(4, 16, true);
         let mut leased = vec![0; 16];
         for h in 0..4 {
             let r = schedule(&mut s, h, &PieceSet::new(16), now);
-            assert_eq!(r.assignments.len(), DEFAULT_ORIGIN_LEASES_PER_HOST as usize);
+            assert_eq!(r.assignments.len(), 1);
             for a in r.assignments {
                 assert_eq!(a.source, PieceSource::Origin);
                 leased[a.piece.0 as usize] += 1;
             }
         }
-        assert!(leased.iter().all(|&c| c == 1), "{leased:?}");
+        assert_eq!(leased.iter().sum::<i32>(), 4);
+        assert!(leased.iter().all(|&c| c <= 1), "{leased:?}");
+        // The budget is spent: a fifth asker (or a second ask) gets no more origin work.
+        let r = schedule(&mut s, 0, &PieceSet::new(16), now);
+        assert!(r.assignments.is_empty());
+        // A lone peer may use the whole budget.
+        let (mut s, now) = setup(1, 16, true);
+        let r = schedule(&mut s, 0, &PieceSet::new(16), now);
+        assert_eq!(r.assignments.len(), DEFAULT_ORIGIN_LEASES_PER_TASK as usize);
     }
 
     #[test]
     fn recorded_pieces_come_from_parents_with_digest() {
         let (mut s, now) = setup(3, 4, true);
         let r = schedule(&mut s, 0, &PieceSet::new(4), now);
-        assert_eq!(r.assignments.len(), 4);
+        assert_eq!(r.assignments.len(), 1, "a third of the origin budget");
         let recs: Vec<_> = (0..4)
             .map(|p| PieceRecord {
                 piece: PieceIndex(p),
@@ -1246,7 +1272,7 @@ mod tests {
     fn dead_host_releases_leases_and_stops_being_a_parent() {
         let (mut s, now) = setup(2, 4, true);
         let r = schedule(&mut s, 0, &PieceSet::new(4), now);
-        assert_eq!(r.assignments.len(), 4);
+        assert_eq!(r.assignments.len(), 2, "half the origin budget");
         s.handle_announce(
             &host(0),
             task(),
