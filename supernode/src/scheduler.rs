@@ -49,8 +49,9 @@ pub const DEFAULT_PARENTS_PER_PIECE: usize = 4;
 const BAD_PIECE_QUARANTINE_AFTER: u32 = 3;
 /// How long an unreachable or misbehaving host is skipped as a parent.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
-/// Half-life of the "recently handed out as parent" load estimate between heartbeats.
-const ASSIGNED_HALF_LIFE: Duration = Duration::from_secs(2);
+/// A piece handed out from a parent and not announced within this long no longer counts
+/// against that parent's upload slots.
+const PENDING_FOR: Duration = Duration::from_secs(20);
 /// Asked-again delay when nothing can be assigned right now.
 const RETRY_AFTER_MS: u32 = 100;
 
@@ -140,25 +141,18 @@ struct Host {
     info: HostInfo,
     last_seen: Instant,
     uploads_in_flight: u32,
-    /// Times handed out as first-choice parent, decaying; stands in for load between
-    /// heartbeats so a burst of requests doesn't all pick the same idle host.
-    assigned: f64,
-    assigned_at: Instant,
+    /// Pieces handed out with this host as first-choice parent and not yet announced by
+    /// their requester: its upload load as the scheduler knows it, ahead of heartbeats.
+    pending: u32,
     corrupt_reports: u32,
     suspect_until: Option<Instant>,
 }
 
 impl Host {
-    fn decayed_assigned(&self, now: Instant) -> f64 {
-        let dt = now
-            .saturating_duration_since(self.assigned_at)
-            .as_secs_f64();
-        self.assigned * 0.5f64.powf(dt / ASSIGNED_HALF_LIFE.as_secs_f64())
-    }
-
-    fn load(&self, now: Instant) -> f64 {
-        (f64::from(self.uploads_in_flight) + self.decayed_assigned(now))
-            / f64::from(self.info.upload_slots.max(1))
+    /// Uploads running or promised; the heartbeat's count covers the promised ones once
+    /// they start, hence the max.
+    fn busy_slots(&self) -> u32 {
+        self.uploads_in_flight.max(self.pending)
     }
 
     fn usable_parent(&self, now: Instant) -> bool {
@@ -174,14 +168,51 @@ impl Host {
     }
 }
 
+/// `f64` ordered by `total_cmp`, for sort keys.
+#[derive(PartialEq)]
+struct OrdF64(f64);
+
+impl Eq for OrdF64 {}
+
+impl PartialOrd for OrdF64 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OrdF64 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
 /// Parent candidates ranked per decision; above this many peers a window is ranked.
 const MAX_CANDIDATES: usize = 256;
 
 struct Candidate<'a> {
-    score: f64,
     id: &'a HostId,
     host: &'a Host,
     have: &'a PieceSet,
+    /// Topology closeness to the requester, 0..=1.
+    locality: f64,
+    /// Upload slots taken, counting what this decision has already promised.
+    busy: u32,
+}
+
+impl Candidate<'_> {
+    fn slots(&self) -> u32 {
+        self.host.info.upload_slots.max(1)
+    }
+
+    fn saturated(&self) -> bool {
+        self.busy >= self.slots()
+    }
+
+    /// 0.6 x idle share of upload slots + 0.4 x topology.
+    fn score(&self) -> f64 {
+        let idle = 1.0 - (f64::from(self.busy) / f64::from(self.slots())).min(1.0);
+        0.6 * idle + 0.4 * self.locality
+    }
 }
 
 #[derive(Debug)]
@@ -198,6 +229,9 @@ struct Task {
     holders: Vec<u32>,
     /// Decisions made so far; moves the parent-candidate window in large swarms.
     rotation: usize,
+    /// (requester, piece) -> (first-choice parent, when): settled when the requester
+    /// announces the piece or reports it failed, or after [`PENDING_FOR`].
+    inflight: HashMap<(HostId, PieceIndex), (HostId, Instant)>,
     probe: Option<Lease>,
     origin_leases: HashMap<PieceIndex, Lease>,
     whole_lease: Option<Lease>,
@@ -212,6 +246,7 @@ impl Task {
             peers: HashMap::new(),
             holders,
             rotation: 0,
+            inflight: HashMap::new(),
             probe: None,
             origin_leases: HashMap::new(),
             whole_lease: None,
@@ -253,10 +288,27 @@ impl Task {
         }
     }
 
-    fn release_host(&mut self, host: &HostId) {
+    /// Forgets a (requester, piece) promise; the parent whose slot it held, if any.
+    fn settle(&mut self, requester: &HostId, piece: PieceIndex) -> Option<HostId> {
+        self.inflight
+            .remove(&(requester.clone(), piece))
+            .map(|(parent, _)| parent)
+    }
+
+    /// Drops `host` from the task; returns the parents whose promised slots it held.
+    fn release_host(&mut self, host: &HostId) -> Vec<HostId> {
         if let Some(old) = self.peers.remove(host) {
             Self::count_holders(&mut self.holders, &old.have, false);
         }
+        let mut freed = Vec::new();
+        self.inflight.retain(|(req, _), (parent, _)| {
+            if req == host {
+                freed.push(parent.clone());
+                false
+            } else {
+                parent != host
+            }
+        });
         self.origin_leases.retain(|_, l| &l.host != host);
         if self.whole_lease.as_ref().is_some_and(|l| &l.host == host) {
             self.whole_lease = None;
@@ -264,6 +316,7 @@ impl Task {
         if self.probe.as_ref().is_some_and(|l| &l.host == host) {
             self.probe = None;
         }
+        freed
     }
 }
 
@@ -345,6 +398,14 @@ impl Scheduler {
         self.tasks.len()
     }
 
+    fn free_slots(hosts: &mut HashMap<HostId, Host>, parents: impl IntoIterator<Item = HostId>) {
+        for p in parents {
+            if let Some(h) = hosts.get_mut(&p) {
+                h.pending = h.pending.saturating_sub(1);
+            }
+        }
+    }
+
     fn touch(&mut self, host: &HostId, now: Instant) -> Result<(), SchedError> {
         let h = self
             .hosts
@@ -362,9 +423,11 @@ impl Scheduler {
             .is_some_and(|h| h.info.session != info.session);
         if restarted {
             // A new process: what the old one held is unknown until it re-announces.
+            let mut freed = Vec::new();
             for t in self.tasks.values_mut() {
-                t.release_host(&host);
+                freed.extend(t.release_host(&host));
             }
+            Self::free_slots(&mut self.hosts, freed);
         }
         let prev = self.hosts.remove(&host);
         self.hosts.insert(
@@ -373,8 +436,11 @@ impl Scheduler {
                 info,
                 last_seen: now,
                 uploads_in_flight: 0,
-                assigned: prev.as_ref().map_or(0.0, |h| h.assigned),
-                assigned_at: now,
+                pending: if restarted {
+                    0
+                } else {
+                    prev.as_ref().map_or(0, |h| h.pending)
+                },
                 corrupt_reports: prev.as_ref().map_or(0, |h| h.corrupt_reports),
                 suspect_until: None,
             },
@@ -571,6 +637,11 @@ impl Scheduler {
                 task.origin_leases.remove(&rec.piece);
             }
         }
+        let freed: Vec<HostId> = pieces
+            .iter()
+            .filter_map(|r| task.settle(host, r.piece))
+            .collect();
+        Self::free_slots(&mut self.hosts, freed);
         if source == AnnounceSource::Origin
             && let Some(l) = task.whole_lease.as_mut().filter(|l| &l.host == host)
         {
@@ -602,6 +673,9 @@ impl Scheduler {
             .tasks
             .get_mut(&task_id)
             .ok_or(SchedError::UnknownTask(task_id))?;
+        if let Some(parent) = task.settle(host, piece) {
+            Self::free_slots(&mut self.hosts, [parent]);
+        }
         if reason == PieceFailure::Origin {
             if task
                 .origin_leases
@@ -644,7 +718,8 @@ impl Scheduler {
         match task {
             Some(t) => {
                 if let Some(t) = self.tasks.get_mut(&t) {
-                    t.release_host(host);
+                    let freed = t.release_host(host);
+                    Self::free_slots(&mut self.hosts, freed);
                 }
             }
             None => self.remove_host(host),
@@ -653,9 +728,11 @@ impl Scheduler {
 
     fn remove_host(&mut self, host: &HostId) {
         self.hosts.remove(host);
+        let mut freed = Vec::new();
         for t in self.tasks.values_mut() {
-            t.release_host(host);
+            freed.extend(t.release_host(host));
         }
+        Self::free_slots(&mut self.hosts, freed);
     }
 
     /// Drops hosts that went quiet, with their pieces and leases.
@@ -670,12 +747,21 @@ impl Scheduler {
         for h in &gone {
             self.remove_host(h);
         }
+        let mut freed = Vec::new();
         for t in self.tasks.values_mut() {
             t.origin_leases.retain(|_, l| l.live(now));
             if t.whole_lease.as_ref().is_some_and(|l| !l.live(now)) {
                 t.whole_lease = None;
             }
+            t.inflight.retain(|_, (parent, since)| {
+                let live = now.saturating_duration_since(*since) < PENDING_FOR;
+                if !live {
+                    freed.push(parent.clone());
+                }
+                live
+            });
         }
+        Self::free_slots(&mut self.hosts, freed);
         gone
     }
 
@@ -746,7 +832,7 @@ impl Scheduler {
         let mut assignments = Vec::new();
         let requester = self.hosts.get(host);
         task.rotation = task.rotation.wrapping_add(1);
-        let candidates = Self::candidates(
+        let mut candidates = Self::candidates(
             &task.peers,
             host,
             requester,
@@ -754,6 +840,7 @@ impl Scheduler {
             now,
             task.rotation,
         );
+        let k = cfg.parents_per_piece.min(MAX_PARENTS_PER_PIECE);
         let mut first_choices = Vec::new();
         let mut whole_assigned = false;
         for piece in order {
@@ -762,24 +849,39 @@ impl Scheduler {
             }
             let digest = task.record.digests[piece.0 as usize];
             if let Some(digest) = digest {
-                let parents = Self::rank_parents(
-                    cfg,
-                    &task.peers,
-                    &task.holders,
-                    &candidates,
-                    piece,
-                    host,
-                    requester,
-                    &self.hosts,
-                    now,
-                );
-                if !parents.is_empty() {
-                    first_choices.push(parents[0].host.clone());
-                    assignments.push(Assignment {
-                        piece,
-                        source: PieceSource::Parents { digest, parents },
-                    });
-                    continue;
+                let mut picked = Self::pick_parents(k, &mut candidates, piece);
+                let held = task.holders.get(piece.0 as usize).is_some_and(|&c| c > 0);
+                if held
+                    && task.peers.len() > MAX_CANDIDATES
+                    && picked.as_ref().is_some_and(Vec::is_empty)
+                {
+                    // The window holds none of it: rank its holders from the whole swarm,
+                    // counting what this decision already promised them.
+                    let mut holders = Self::to_candidates(
+                        task.peers.iter().filter(|(_, p)| p.have.contains(piece)),
+                        host,
+                        requester,
+                        &self.hosts,
+                        now,
+                    );
+                    for c in holders.iter_mut() {
+                        c.busy += first_choices.iter().filter(|(_, p)| p == c.id).count() as u32;
+                    }
+                    picked = Self::pick_parents(k, &mut holders, piece);
+                }
+                match picked {
+                    // Held, but every holder's upload slots are promised: not now.
+                    None => continue,
+                    Some(parents) if !parents.is_empty() => {
+                        first_choices.push((piece, parents[0].host.clone()));
+                        assignments.push(Assignment {
+                            piece,
+                            source: PieceSource::Parents { digest, parents },
+                        });
+                        continue;
+                    }
+                    // No usable holder: the origin, below.
+                    Some(_) => {}
                 }
             }
             // Nobody live holds it: the origin, under a lease.
@@ -806,9 +908,7 @@ impl Scheduler {
             }
             match task.origin_leases.get(&piece) {
                 Some(l) if l.live(now) => continue,
-                _ if held_leases >= host_lease_cap
-                    || task_leases >= cfg.origin_leases_per_task =>
-                {
+                _ if held_leases >= host_lease_cap || task_leases >= cfg.origin_leases_per_task => {
                     continue;
                 }
                 _ => {
@@ -828,10 +928,13 @@ impl Scheduler {
                 }
             }
         }
-        for h in first_choices {
-            if let Some(h) = self.hosts.get_mut(&h) {
-                h.assigned = h.decayed_assigned(now) + 1.0;
-                h.assigned_at = now;
+        drop(candidates);
+        for (piece, parent) in first_choices {
+            if let Some(h) = self.hosts.get_mut(&parent) {
+                h.pending += 1;
+            }
+            if let Some((old, _)) = task.inflight.insert((host.clone(), piece), (parent, now)) {
+                Self::free_slots(&mut self.hosts, [old]);
             }
         }
         let retry_after_ms = if assignments.is_empty() {
@@ -871,10 +974,10 @@ impl Scheduler {
         head.into_iter().chain(tail).collect()
     }
 
-    /// Parent candidates for one decision, best first: every other usable peer of the
-    /// task, or in a large swarm a rotating window of [`MAX_CANDIDATES`] of them (a full
-    /// ranking of thousands of peers per decision cost milliseconds; the window moves with
-    /// every decision, so load still spreads over the whole swarm).
+    /// Parent candidates for one decision: every other usable peer of the task, or in a
+    /// large swarm a rotating window of [`MAX_CANDIDATES`] of them (ranking thousands of
+    /// peers per decision cost milliseconds; the window moves with every decision, so
+    /// load still spreads over the whole swarm).
     fn candidates<'a>(
         peers: &'a HashMap<HostId, TaskPeer>,
         requester_id: &HostId,
@@ -889,80 +992,90 @@ impl Scheduler {
         } else {
             0
         };
-        let mut scored: Vec<Candidate<'a>> = peers
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(n.min(MAX_CANDIDATES))
+        Self::to_candidates(
+            peers.iter().cycle().skip(start).take(n.min(MAX_CANDIDATES)),
+            requester_id,
+            requester,
+            hosts,
+            now,
+        )
+    }
+
+    fn to_candidates<'a>(
+        peers: impl Iterator<Item = (&'a HostId, &'a TaskPeer)>,
+        requester_id: &HostId,
+        requester: Option<&Host>,
+        hosts: &'a HashMap<HostId, Host>,
+        now: Instant,
+    ) -> Vec<Candidate<'a>> {
+        peers
             .filter(|(id, _)| *id != requester_id)
             .filter_map(|(id, p)| hosts.get(id).map(|h| (id, p, h)))
             .filter(|(_, _, h)| h.usable_parent(now))
             .map(|(id, p, h)| Candidate {
-                score: Self::parent_score(requester, h, now),
                 id,
                 host: h,
                 have: &p.have,
+                locality: Self::locality(requester, h),
+                busy: h.busy_slots(),
             })
-            .collect();
-        scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(b.id)));
-        scored
+            .collect()
     }
 
-    /// 0.6 x idle (upload slots free) + 0.4 x topology (same idc 1, zone 2, rack 4, of 7).
-    fn parent_score(requester: Option<&Host>, h: &Host, now: Instant) -> f64 {
-        let locality = requester.map_or(0.0, |r| {
+    /// Same idc 1, zone 2, rack 4, out of 7.
+    fn locality(requester: Option<&Host>, h: &Host) -> f64 {
+        requester.map_or(0.0, |r| {
             let same = |k| r.label(k).is_some() && r.label(k) == h.label(k);
             f64::from(u8::from(same("idc")))
                 + 2.0 * f64::from(u8::from(same("zone")))
                 + 4.0 * f64::from(u8::from(same("rack")))
-        }) / 7.0;
-        let idle = 1.0 - h.load(now).min(1.0);
-        0.6 * idle + 0.4 * locality
+        }) / 7.0
     }
 
-    /// The best holders of `piece` among `candidates`; if the window holds none but
-    /// someone does, all holders are ranked (never send a held piece to the origin).
-    #[allow(clippy::too_many_arguments)]
-    fn rank_parents(
-        cfg: &SchedulerConfig,
-        peers: &HashMap<HostId, TaskPeer>,
-        holders: &[u32],
-        candidates: &[Candidate<'_>],
+    /// Parents for `piece`, best first: the first is the best-scoring holder with a free
+    /// upload slot (charged one here), the rest fallbacks in score order. `None` when
+    /// holders exist but all are saturated: better another piece now than a queue there.
+    fn pick_parents(
+        k: usize,
+        candidates: &mut [Candidate<'_>],
         piece: PieceIndex,
-        requester_id: &HostId,
-        requester: Option<&Host>,
-        hosts: &HashMap<HostId, Host>,
-        now: Instant,
-    ) -> Vec<ParentRef> {
-        let k = cfg.parents_per_piece.min(MAX_PARENTS_PER_PIECE);
-        let to_ref = |c: &Candidate<'_>| ParentRef {
-            host: c.id.clone(),
-            addr: c.host.info.peer_addr,
-        };
-        let picked: Vec<ParentRef> = candidates
+    ) -> Option<Vec<ParentRef>> {
+        // Sort keys computed once: free slots first, then score, then id (stable order).
+        let mut keyed: Vec<(bool, std::cmp::Reverse<OrdF64>, usize)> = candidates
             .iter()
-            .filter(|c| c.have.contains(piece))
-            .take(k)
-            .map(to_ref)
+            .enumerate()
+            .filter(|(_, c)| c.have.contains(piece))
+            .map(|(i, c)| (c.saturated(), std::cmp::Reverse(OrdF64(c.score())), i))
             .collect();
-        let held = holders.get(piece.0 as usize).copied().unwrap_or(0);
-        if !picked.is_empty() || held == 0 || peers.len() <= MAX_CANDIDATES {
-            return picked;
+        if keyed.is_empty() {
+            return Some(Vec::new());
         }
-        let mut all: Vec<Candidate<'_>> = peers
-            .iter()
-            .filter(|(id, p)| *id != requester_id && p.have.contains(piece))
-            .filter_map(|(id, p)| hosts.get(id).map(|h| (id, p, h)))
-            .filter(|(_, _, h)| h.usable_parent(now))
-            .map(|(id, p, h)| Candidate {
-                score: Self::parent_score(requester, h, now),
-                id,
-                host: h,
-                have: &p.have,
-            })
-            .collect();
-        all.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(b.id)));
-        all.iter().take(k).map(to_ref).collect()
+        let k = k.max(1);
+        let cmp = |a: &(bool, std::cmp::Reverse<OrdF64>, usize),
+                   b: &(bool, std::cmp::Reverse<OrdF64>, usize)| {
+            (a.0, &a.1)
+                .cmp(&(b.0, &b.1))
+                .then_with(|| candidates[a.2].id.cmp(candidates[b.2].id))
+        };
+        if keyed.len() > k {
+            keyed.select_nth_unstable_by(k - 1, cmp);
+            keyed.truncate(k);
+        }
+        keyed.sort_by(cmp);
+        let first = keyed[0].2;
+        if candidates[first].saturated() {
+            return None;
+        }
+        candidates[first].busy += 1;
+        Some(
+            keyed
+                .iter()
+                .map(|&(_, _, i)| ParentRef {
+                    host: candidates[i].id.clone(),
+                    addr: candidates[i].host.info.peer_addr,
+                })
+                .collect(),
+        )
     }
 
     pub fn task_summaries(&self) -> Vec<TaskSummary> {
@@ -1506,6 +1619,7 @@ mod tests {
         }];
         s.handle_announce(&host(n - 1), task(), AnnounceSource::Origin, &rec, now)
             .unwrap();
+        let mut holders = vec![host(n - 1)];
         for h in 0..n - 1 {
             let r = schedule(&mut s, h, &PieceSet::new(4), now);
             let a = r
@@ -1514,12 +1628,54 @@ mod tests {
                 .find(|a| a.piece == PieceIndex(3))
                 .expect("piece 3 assigned");
             match &a.source {
-                PieceSource::Parents { parents, .. } => assert_eq!(parents[0].host, host(n - 1)),
+                PieceSource::Parents { parents, .. } => {
+                    assert!(holders.contains(&parents[0].host), "{:?}", parents[0].host)
+                }
                 other => panic!("host {h}: a held piece went to {other:?}"),
             }
+            // It lands; the requester's slot promise is settled and it holds the piece.
+            s.handle_announce(&host(h), task(), AnnounceSource::Peer, &rec, now)
+                .unwrap();
+            holders.push(host(h));
         }
         let t = &s.tasks[&task()];
-        assert_eq!(t.holders[3], 1, "holder counts follow announces");
+        assert_eq!(t.holders[3] as usize, n, "holder counts follow announces");
         assert_eq!(t.holders[0], 0);
+        assert!(t.inflight.keys().all(|(_, p)| *p != PieceIndex(3)));
+        assert!(
+            s.hosts.values().all(|h| h.pending <= 4 * 3),
+            "promises settled"
+        );
+    }
+
+    #[test]
+    fn a_saturated_only_holder_is_not_queued_on_and_never_bypassed_to_the_origin() {
+        // One holder with 4 upload slots, 8 requesters: 4 get it from the holder, the
+        // rest get other pieces (origin work here) and piece 0 later, never from the
+        // origin.
+        let (mut s, now) = setup(9, 8, true);
+        let rec = [PieceRecord {
+            piece: PieceIndex(0),
+            digest: digest(0),
+        }];
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &rec, now)
+            .unwrap();
+        let mut from_holder = 0;
+        for h in 1..9 {
+            let r = schedule(&mut s, h, &PieceSet::new(8), now);
+            for a in &r.assignments {
+                if a.piece == PieceIndex(0) {
+                    assert!(matches!(a.source, PieceSource::Parents { .. }));
+                    from_holder += 1;
+                }
+            }
+        }
+        assert_eq!(from_holder, 4, "one per upload slot");
+        // One lands: a slot frees, the next asker gets piece 0.
+        s.handle_announce(&host(1), task(), AnnounceSource::Peer, &rec, now)
+            .unwrap();
+        let r = schedule(&mut s, 8, &PieceSet::new(8), now);
+        assert!(r.assignments.iter().any(|a| a.piece == PieceIndex(0)
+            && matches!(&a.source, PieceSource::Parents { parents, .. } if parents.len() == 2)));
     }
 }
