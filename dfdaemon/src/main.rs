@@ -48,7 +48,7 @@ struct Args {
     /// Disk quota of the piece store, e.g. 20GiB [default: 20GiB]
     #[arg(long)]
     quota: Option<String>,
-    /// Concurrent piece uploads to other daemons [default: 16]
+    /// Concurrent piece uploads to other daemons [default: 4]
     #[arg(long)]
     upload_slots: Option<u32>,
     /// Registry mirror for containerd (OCI pull API), also an HTTP proxy (absolute URLs,
