@@ -327,6 +327,11 @@ impl Engine {
         }
     }
 
+    /// A client read `id`: pre-warmed content has done its job and may be evicted again.
+    pub fn unpin(&self, id: &TaskId) {
+        self.store.unpin(id);
+    }
+
     /// Is the whole content of `id` verified in the local store?
     pub fn is_cached(&self, id: &TaskId) -> bool {
         self.store.meta(id).is_some_and(|m| m.complete)

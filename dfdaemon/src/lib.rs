@@ -8,6 +8,7 @@
 //! * [`origin`]: HTTP(S) to the origin, by Range.
 //! * [`control`]: the supernode client and heartbeat / re-registration loop.
 //! * [`api`]: the local Unix-socket API `dfget` talks to.
+//! * [`prewarm`]: the pre-warm executor (polls the supernode for blobs to cache and pin).
 //! * [`mirror`], [`proxy`]: the registry mirror for containerd and the HTTP proxy, on one
 //!   port.
 //!
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod origin;
 pub mod peer;
+pub mod prewarm;
 pub mod proxy;
 pub mod store;
 
@@ -244,6 +246,12 @@ impl Daemon {
                 false
             }
         };
+        tracker.spawn(prewarm::run(
+            control.clone(),
+            engine.clone(),
+            store.clone(),
+            cancel.clone(),
+        ));
         tracker.spawn(control.clone().run(
             store.clone(),
             uploads.clone(),

@@ -578,31 +578,6 @@ async fn manifest_by_digest(
         .into_response()
 }
 
-/// Splits `Bearer realm="a",service="b",scope="c,d"` into its parameters.
-fn challenge_params(v: &str) -> (String, HashMap<String, String>) {
-    let (scheme, rest) = v.trim().split_once(' ').unwrap_or((v.trim(), ""));
-    let mut params = HashMap::new();
-    let mut rest = rest.trim();
-    while let Some((key, after)) = rest.split_once('=') {
-        let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
-        let (value, next) = if let Some(q) = after.strip_prefix('"') {
-            match q.find('"') {
-                Some(end) => (&q[..end], &q[end + 1..]),
-                None => (q, ""),
-            }
-        } else {
-            after.split_once(',').unwrap_or((after, ""))
-        };
-        params.insert(key, value.to_string());
-        rest = next.trim().trim_start_matches(',');
-    }
-    (scheme.to_ascii_lowercase(), params)
-}
-
 /// The Authorization value for a registry from the daemon's own credentials, following
 /// the registry's challenge (Basic, or a Bearer token from its realm). `Ok(None)` when no
 /// credentials are configured or the registry asks for none.
@@ -612,7 +587,6 @@ async fn own_authorization(
     registry: &str,
     repo: &str,
 ) -> Result<Option<String>, Box<Response>> {
-    use base64::Engine as _;
     let Some((user, pass)) = s.cfg.credentials.get(registry) else {
         return Ok(None);
     };
@@ -622,90 +596,27 @@ async fn own_authorization(
     {
         return Ok(Some(v.clone()));
     }
-    let basic = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    );
-    let probe = s
-        .http
-        .get(format!("{scheme}://{registry}/v2/"))
-        .send()
-        .await
-        .map_err(|e| Box::new(upstream_error(e)))?;
-    let challenge = probe
-        .headers()
-        .get(reqwest::header::WWW_AUTHENTICATE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let (value, lifetime) = match challenge.map(|c| challenge_params(&c)) {
-        None => return Ok(None),
-        Some((kind, _)) if kind == "basic" => (basic, AUTH_CACHE_TTL),
-        Some((kind, p)) if kind == "bearer" => {
-            let realm = p.get("realm").ok_or_else(|| {
-                Box::new(oci_error(
-                    StatusCode::BAD_GATEWAY,
-                    "UNAUTHORIZED",
-                    "bearer challenge without realm",
-                ))
-            })?;
-            let mut url = url::Url::parse(realm).map_err(|e| {
-                Box::new(oci_error(
-                    StatusCode::BAD_GATEWAY,
-                    "UNAUTHORIZED",
-                    format!("bad token realm {realm:?}: {e}"),
-                ))
-            })?;
-            url.query_pairs_mut()
-                .append_pair("scope", &format!("repository:{repo}:pull"));
-            if let Some(service) = p.get("service") {
-                url.query_pairs_mut().append_pair("service", service);
-            }
-            let resp = s
-                .http
-                .get(url)
-                .header(header::AUTHORIZATION, &basic)
-                .send()
-                .await
-                .map_err(|e| Box::new(upstream_error(e)))?;
-            if !resp.status().is_success() {
-                let status =
-                    StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-                return Err(Box::new(oci_error(
-                    status,
-                    "UNAUTHORIZED",
-                    "the token service refused this daemon's credentials",
-                )));
-            }
-            let raw = resp
-                .bytes()
-                .await
-                .map_err(|e| Box::new(upstream_error(e)))?;
-            let body: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| {
-                Box::new(oci_error(
-                    StatusCode::BAD_GATEWAY,
-                    "UNAUTHORIZED",
-                    format!("token service answer: {e}"),
-                ))
-            })?;
-            let token = body["token"]
-                .as_str()
-                .or(body["access_token"].as_str())
-                .ok_or_else(|| {
-                    Box::new(oci_error(
-                        StatusCode::BAD_GATEWAY,
-                        "UNAUTHORIZED",
-                        "token service answered without a token",
-                    ))
-                })?;
-            // Renew a little before the registry's deadline (60 s when it names none).
-            let secs = body["expires_in"]
-                .as_u64()
-                .unwrap_or(60)
-                .saturating_sub(10)
-                .max(5);
-            (format!("Bearer {token}"), Duration::from_secs(secs))
-        }
-        Some(_) => return Ok(None),
+    let got = supernode::registry::authorization(
+        &s.http,
+        &format!("{scheme}://{registry}"),
+        repo,
+        Some((user, pass)),
+    )
+    .await
+    .map_err(|e| {
+        use supernode::registry::RegistryError;
+        let status = match e {
+            RegistryError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        Box::new(oci_error(
+            status,
+            "UNAUTHORIZED",
+            format!("this daemon's credentials for {registry}: {e}"),
+        ))
+    })?;
+    let Some((value, lifetime)) = got else {
+        return Ok(None);
     };
     s.tokens
         .lock()
@@ -886,6 +797,7 @@ async fn blob(
             format!("bytes {}-{}/{len}", range.start, range.end - 1),
         );
     }
+    s.engine.unpin(&h.id);
     let served = s.metrics.mirror_bytes_served.clone();
     let stream = content_stream(
         s.engine.clone(),
@@ -940,20 +852,6 @@ mod tests {
         assert_eq!(parse_range("bytes=5-3", 10), Err(()));
         assert_eq!(parse_range("items=0-1", 10), Err(()));
         assert_eq!(parse_range("bytes=0-1,3-4", 10), Err(()));
-    }
-
-    #[test]
-    fn challenges() {
-        let (k, p) = challenge_params(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
-        );
-        assert_eq!(k, "bearer");
-        assert_eq!(p["realm"], "https://auth.example/token");
-        assert_eq!(p["service"], "registry.example");
-        assert_eq!(p["scope"], "repository:a/b:pull,push");
-        let (k, p) = challenge_params(r#"Basic realm="test""#);
-        assert_eq!(k, "basic");
-        assert_eq!(p["realm"], "test");
     }
 
     #[test]

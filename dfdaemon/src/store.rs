@@ -83,6 +83,8 @@ pub struct Store {
     quota: u64,
     meta: sled::Tree,
     pieces: sled::Tree,
+    /// Task -> unix second until which it is kept from eviction (pre-warmed content).
+    pins: sled::Tree,
     db: sled::Db,
     entries: Mutex<HashMap<TaskId, Entry>>,
 }
@@ -136,11 +138,13 @@ impl Store {
         };
         let meta = db.open_tree("meta")?;
         let pieces = db.open_tree("pieces")?;
+        let pins = db.open_tree("pins")?;
         let store = Self {
             dir: dir.to_path_buf(),
             quota,
             meta,
             pieces,
+            pins,
             db,
             entries: Mutex::new(HashMap::new()),
         };
@@ -311,9 +315,10 @@ impl Store {
             .filter_map(|(_, e)| e.meta.layout.map(|l| l.content_length))
             .sum();
         if used + need > self.quota {
+            let now = now_secs();
             let mut victims: Vec<(u64, TaskId, u64)> = entries
                 .iter()
-                .filter(|(id, e)| *id != task && e.users == 0)
+                .filter(|(id, e)| *id != task && e.users == 0 && !self.pinned(id, now))
                 .filter_map(|(id, e)| {
                     e.meta
                         .layout
@@ -366,8 +371,37 @@ impl Store {
         self.put_meta(task, &meta)
     }
 
+    /// Keeps `task` from eviction until `until` (unix seconds), e.g. pre-warmed content
+    /// until its pull; a later pin only extends it.
+    pub fn pin(&self, task: &TaskId, until: u64) -> Result<(), StoreError> {
+        let current = self.pinned_until(task);
+        if until > current {
+            self.pins.insert(task.as_bytes(), &until.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Lets `task` be evicted again (a client read it: it did its job).
+    pub fn unpin(&self, task: &TaskId) {
+        let _ = self.pins.remove(task.as_bytes());
+    }
+
+    pub fn pinned_until(&self, task: &TaskId) -> u64 {
+        self.pins
+            .get(task.as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    fn pinned(&self, task: &TaskId, now: u64) -> bool {
+        self.pinned_until(task) > now
+    }
+
     fn remove_files(&self, task: &TaskId) {
         let _ = self.meta.remove(task.as_bytes());
+        let _ = self.pins.remove(task.as_bytes());
         let _ = self.clear_pieces(task);
         let _ = std::fs::remove_file(self.data_path(task));
     }

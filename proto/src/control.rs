@@ -116,6 +116,12 @@ pub enum ControlRequest {
         host: HostId,
         task: Option<TaskId>,
     },
+    /// "What should I pre-warm?", with how far the host got on what it was given.
+    /// Answered with [`ControlResponse::Prewarm`].
+    PrewarmPoll {
+        host: HostId,
+        progress: Vec<crate::prewarm::WorkProgress>,
+    },
 }
 
 /// What the supernode knows of a task, handed to a peer that registers for it.
@@ -183,11 +189,17 @@ pub enum ControlResponse {
     Ack,
     Task(TaskView),
     Schedule(ScheduleReply),
+    /// Pre-warm work for the polling host: everything it should hold now (work it
+    /// already has is listed again; work no longer listed is cancelled).
+    Prewarm(Vec<crate::prewarm::PrewarmWork>),
     Error {
         code: ControlErrorCode,
         message: String,
     },
 }
+
+/// Pre-warm blobs one host works on at once (a few jobs of a few tens of layers).
+pub const MAX_PREWARM_WORK: usize = 1024;
 
 fn check(cond: bool, what: &'static str) -> Result<(), ValidationError> {
     if cond {
@@ -231,6 +243,9 @@ impl Frame for ControlRequest {
                 )?;
                 check(*max_assignments <= MAX_ASSIGNMENTS, "max_assignments")
             }
+            ControlRequest::PrewarmPoll { progress, .. } => {
+                check(progress.len() <= MAX_PREWARM_WORK, "prewarm progress count")
+            }
             ControlRequest::ReportLayout { .. }
             | ControlRequest::Heartbeat { .. }
             | ControlRequest::PieceFailed { .. }
@@ -262,6 +277,10 @@ impl Frame for ControlResponse {
                     "parent list",
                 )
             }
+            ControlResponse::Prewarm(w) => check(
+                w.len() <= MAX_PREWARM_WORK && w.iter().all(|w| w.url.len() <= MAX_URL_LEN),
+                "prewarm work",
+            ),
             ControlResponse::Ack | ControlResponse::Error { .. } => Ok(()),
         }
     }

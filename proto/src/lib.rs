@@ -11,6 +11,7 @@
 //! * [`codec`]: `[u32 length][postcard body]` frames; the length cap is checked before any
 //!   allocation, and decoded messages are validated before they are handed out.
 //! * [`api`]: JSON shapes of the daemon's local API that `dfget` speaks.
+//! * [`prewarm`]: pre-warm jobs (supernode HTTP API) and the work they hand to daemons.
 //!
 //! The protocol version travels in the QUIC ALPN ([`PEER_ALPN`], [`CONTROL_ALPN`]): a peer
 //! speaking another version fails the TLS handshake instead of misreading frames.
@@ -22,6 +23,7 @@ pub mod control;
 pub mod ids;
 pub mod layout;
 pub mod piece;
+pub mod prewarm;
 
 pub use codec::{DecodeError, EncodeError, Frame};
 pub use ids::{HostId, PieceIndex, SessionId, Sha256Digest, TaskId};

@@ -23,6 +23,10 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
+    /// Registries reached over plain HTTP when resolving pre-warm images (loopback
+    /// registries always are).
+    #[serde(default)]
+    pub plain_http_registries: Vec<String>,
     #[serde(default)]
     pub scheduler: SchedulerFile,
 }
@@ -107,6 +111,7 @@ pub struct SupernodeConfig {
     pub data_dir: PathBuf,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
+    pub plain_http_registries: Vec<String>,
     pub scheduler: SchedulerConfig,
 }
 
@@ -120,6 +125,7 @@ impl SupernodeConfig {
             data_dir,
             ca_cert,
             ca_key,
+            plain_http_registries: Vec::new(),
             scheduler: SchedulerConfig::default(),
         }
     }

@@ -6,11 +6,15 @@
 //!   ([`store`]), HTTP API (`/healthz`, `/metrics`, `/api/v1/{tasks,hosts}`).
 //! * [`tls`] and [`transport`]: cluster-CA mutual TLS and QUIC frame plumbing, shared
 //!   with the daemon (which can also embed a whole supernode in-process).
+//! * [`prewarm`]: pre-warm jobs (pure bookkeeping: batches, parallelism, deadlines) and
+//!   [`registry`]: resolving an image reference to its blobs, registry auth.
 //! * [`config`]: file and flag configuration.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod metrics;
+pub mod prewarm;
+pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod store;

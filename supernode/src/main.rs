@@ -73,6 +73,7 @@ fn resolve(args: Args) -> anyhow::Result<SupernodeConfig> {
             .or(file.ca_key)
             .unwrap_or_else(|| data_dir.join("ca-key.pem")),
         data_dir,
+        plain_http_registries: file.plain_http_registries,
         scheduler,
     })
 }

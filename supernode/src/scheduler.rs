@@ -391,6 +391,10 @@ impl Scheduler {
             .collect()
     }
 
+    pub fn host_ids(&self) -> std::collections::HashSet<HostId> {
+        self.hosts.keys().cloned().collect()
+    }
+
     pub fn host_count(&self) -> usize {
         self.hosts.len()
     }

@@ -21,6 +21,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::SupernodeConfig;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::prewarm::{JobBook, JobRecord, new_batches, split_batches};
+use crate::registry::{ImageRef, RegistryError};
 use crate::scheduler::{SchedError, Scheduler};
 use crate::store::{StoreError, TaskStore};
 use crate::tls::{ClusterCa, TlsError};
@@ -55,12 +57,18 @@ pub enum SupernodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("registry HTTP client: {0}")]
+    Http(String),
 }
 
 struct Shared {
     sched: Mutex<Scheduler>,
+    jobs: Mutex<JobBook>,
     store: TaskStore,
     metrics: Metrics,
+    /// Resolves pre-warm images at their registries.
+    http: reqwest::Client,
+    plain_http: Vec<String>,
 }
 
 impl Shared {
@@ -69,11 +77,21 @@ impl Shared {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn jobs(&self) -> std::sync::MutexGuard<'_, JobBook> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn persist_dirty(&self) {
         let dirty = self.sched().take_dirty();
         for (id, rec) in dirty {
             if let Err(e) = self.store.put(&id, &rec) {
                 tracing::error!(task = %id, error = %e, "persisting task record failed");
+            }
+        }
+        let jobs = self.jobs().take_dirty();
+        for (id, rec) in jobs {
+            if let Err(e) = self.store.put_job(&id, rec.as_ref()) {
+                tracing::error!(job = %id, error = %e, "persisting pre-warm job failed");
             }
         }
     }
@@ -106,10 +124,23 @@ impl Supernode {
         let records = store.load_all();
         tracing::info!(tasks = records.len(), "restored task records");
         sched.restore(records, Instant::now());
+        let mut jobs = JobBook::default();
+        let job_records = store.load_jobs();
+        tracing::info!(jobs = job_records.len(), "restored pre-warm jobs");
+        jobs.restore(job_records);
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .map_err(|e| SupernodeError::Http(e.to_string()))?;
         let shared = Arc::new(Shared {
             sched: Mutex::new(sched),
+            jobs: Mutex::new(jobs),
             store,
             metrics: Metrics::default(),
+            http,
+            plain_http: cfg.plain_http_registries.clone(),
         });
 
         let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| {
@@ -206,11 +237,12 @@ async fn tick_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = cancel.cancelled() => break,
             _ = every.tick() => {}
         }
-        let (gone, hosts, tasks) = {
+        let (gone, hosts, tasks, connected) = {
             let mut s = shared.sched();
             let gone = s.handle_tick(Instant::now());
-            (gone, s.host_count(), s.task_count())
+            (gone, s.host_count(), s.task_count(), s.host_ids())
         };
+        shared.jobs().tick(unix_now(), |h| connected.contains(h));
         for h in &gone {
             tracing::info!(host = %h, "host went quiet; dropped with its pieces and leases");
         }
@@ -271,6 +303,7 @@ fn kind(req: &ControlRequest) -> &'static str {
         ControlRequest::Schedule { .. } => "schedule",
         ControlRequest::PieceFailed { .. } => "piece_failed",
         ControlRequest::Leave { .. } => "leave",
+        ControlRequest::PrewarmPoll { .. } => "prewarm_poll",
     }
 }
 
@@ -354,6 +387,12 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 s.handle_leave(&host, task);
                 Ok(ControlResponse::Ack)
             }
+            ControlRequest::PrewarmPoll { host, progress } => {
+                drop(s);
+                Ok(ControlResponse::Prewarm(
+                    shared.jobs().poll(&host, &progress),
+                ))
+            }
         }
     };
     if kind == "schedule" {
@@ -390,6 +429,8 @@ fn api_router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/prewarm", get(list_jobs).post(create_job))
+        .route("/api/v1/prewarm/{id}", get(get_job).delete(cancel_job))
         .with_state(shared)
 }
 
@@ -435,4 +476,205 @@ async fn get_task(
 
 async fn list_hosts(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     Json(s.sched().host_summaries(Instant::now()))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn api_error(status: StatusCode, msg: impl std::fmt::Display) -> axum::response::Response {
+    (status, Json(serde_json::json!({"error": msg.to_string()}))).into_response()
+}
+
+async fn list_jobs(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    Json(s.jobs().list())
+}
+
+async fn get_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> axum::response::Response {
+    match s.jobs().get(&id) {
+        Some(j) => Json(j).into_response(),
+        None => api_error(StatusCode::NOT_FOUND, format!("no pre-warm job {id}")),
+    }
+}
+
+async fn cancel_job(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> axum::response::Response {
+    let cancelled = s.jobs().cancel(&id);
+    s.persist_dirty();
+    match cancelled {
+        Some(j) => Json(j).into_response(),
+        None => api_error(StatusCode::NOT_FOUND, format!("no pre-warm job {id}")),
+    }
+}
+
+/// The hosts a spec targets, in batches; every problem is a 400 naming it.
+fn target_batches(
+    spec: &proto::prewarm::PrewarmSpec,
+    hosts: &[crate::scheduler::HostSummary],
+) -> Result<Vec<Vec<proto::HostId>>, String> {
+    use proto::prewarm::Targets;
+    let known = |h: &proto::HostId| hosts.iter().any(|k| &k.host == h);
+    let check = |list: &[proto::HostId]| -> Result<(), String> {
+        let unknown: Vec<&str> = list
+            .iter()
+            .filter(|h| !known(h))
+            .map(|h| h.as_str())
+            .collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "unknown host(s), not registered with the supernode: {}",
+                unknown.join(", ")
+            ))
+        }
+    };
+    let batches = match &spec.targets {
+        Targets::Hosts(list) => {
+            check(list)?;
+            split_batches(list.clone(), &spec.batch_sizes)
+        }
+        Targets::Selector(sel) => {
+            if sel.is_empty() {
+                return Err("empty selector".into());
+            }
+            let mut matched: Vec<proto::HostId> = hosts
+                .iter()
+                .filter(|h| sel.iter().all(|(k, v)| h.labels.get(k) == Some(v)))
+                .map(|h| h.host.clone())
+                .collect();
+            matched.sort();
+            if matched.is_empty() {
+                let s: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                return Err(format!("selector {} matches no host", s.join(",")));
+            }
+            split_batches(matched, &spec.batch_sizes)
+        }
+        Targets::Batches(b) => {
+            for batch in b {
+                check(batch)?;
+            }
+            b.clone()
+        }
+    };
+    let all: Vec<&proto::HostId> = batches.iter().flatten().collect();
+    if all.is_empty() || batches.iter().any(Vec::is_empty) {
+        return Err("no target hosts (or an empty batch)".into());
+    }
+    if all.len() > proto::prewarm::MAX_TARGETS {
+        return Err(format!("more than {} targets", proto::prewarm::MAX_TARGETS));
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.len() != all.len() {
+        return Err("a host is listed twice".into());
+    }
+    Ok(batches)
+}
+
+/// `POST /api/v1/prewarm`: resolve the image, check the targets, start the job. The same
+/// spec again answers the job already running (or done) for it; a failed or cancelled
+/// one is replaced by a new run.
+async fn create_job(
+    State(s): State<Arc<Shared>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use proto::prewarm::*;
+    use sha2::Digest as _;
+    let spec: PrewarmSpec = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("bad pre-warm spec: {e}")),
+    };
+    let image: ImageRef = match spec.image.parse() {
+        Ok(i) => i,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, e),
+    };
+    let platform = spec
+        .platform
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PLATFORM.to_string());
+    if !(2..=3).contains(&platform.split('/').count()) || platform.split('/').any(str::is_empty) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            format!("platform {platform:?}: expected os/arch[/variant]"),
+        );
+    }
+    let mut public = spec.clone();
+    public.credentials = None;
+    let id = hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(&public).unwrap_or_default(),
+    ))[..16]
+        .to_string();
+    if let Some(existing) = s.jobs().get(&id)
+        && matches!(existing.state, JobState::Running | JobState::Succeeded)
+    {
+        return (StatusCode::OK, Json(existing.clone())).into_response();
+    }
+    let hosts = s.sched().host_summaries(Instant::now());
+    let batches = match target_batches(&spec, &hosts) {
+        Ok(b) => b,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, e),
+    };
+    let creds = spec
+        .credentials
+        .as_ref()
+        .map(|c| (c.username.as_str(), c.password.as_str()));
+    let resolved = match tokio::time::timeout(
+        Duration::from_secs(30),
+        crate::registry::resolve(&s.http, &image, &platform, &s.plain_http, creds),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let status = match &e {
+                RegistryError::BadReference(_) => StatusCode::BAD_REQUEST,
+                RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+                RegistryError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+                RegistryError::NoPlatform { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                RegistryError::Upstream(_) | RegistryError::BadManifest { .. } => {
+                    StatusCode::BAD_GATEWAY
+                }
+            };
+            return api_error(status, e);
+        }
+        Err(_) => {
+            return api_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("resolving {} took over 30 s", spec.image),
+            );
+        }
+    };
+    let now = unix_now();
+    let timeout = spec.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS).max(1);
+    let parallelism = spec.parallelism.unwrap_or(DEFAULT_PARALLELISM).max(1);
+    let status = JobStatus {
+        id: id.clone(),
+        spec: public,
+        state: JobState::Running,
+        manifest: resolved.manifest,
+        layers: resolved.blobs.clone(),
+        batches: new_batches(batches, &resolved.blobs),
+        created_at: now,
+        deadline: now + timeout,
+        error: None,
+    };
+    tracing::info!(job = %id, image = %spec.image, layers = resolved.blobs.len(),
+        hosts = status.batches.iter().map(|b| b.hosts.len()).sum::<usize>(),
+        batches = status.batches.len(), "pre-warm job created");
+    s.jobs().insert(JobRecord {
+        status: status.clone(),
+        blob_base: format!("{}/v2/{}/blobs/", resolved.base, resolved.repository),
+        authorization: resolved.authorization,
+        pin_secs: DEFAULT_PIN_TTL_SECS,
+        parallelism,
+        absent_since: Default::default(),
+    });
+    s.persist_dirty();
+    (StatusCode::CREATED, Json(status)).into_response()
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use proto::TaskId;
 use thiserror::Error;
 
+use crate::prewarm::JobRecord;
 use crate::scheduler::TaskRecord;
 
 #[derive(Debug, Error)]
@@ -21,11 +22,15 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("encoding task record: {0}")]
     Encode(#[from] postcard::Error),
+    #[error("encoding job record: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 pub struct TaskStore {
     db: sled::Db,
     tasks: sled::Tree,
+    /// Pre-warm job records, as JSON (self-describing, so fields can be added).
+    jobs: sled::Tree,
 }
 
 impl TaskStore {
@@ -45,7 +50,8 @@ impl TaskStore {
             }
         };
         let tasks = db.open_tree("tasks")?;
-        Ok(Self { db, tasks })
+        let jobs = db.open_tree("prewarm_jobs")?;
+        Ok(Self { db, tasks, jobs })
     }
 
     /// All records that decode; a record that doesn't is logged and skipped.
@@ -69,6 +75,36 @@ impl TaskStore {
     pub fn put(&self, id: &TaskId, rec: &TaskRecord) -> Result<(), StoreError> {
         self.tasks
             .insert(id.as_bytes(), postcard::to_allocvec(rec)?)?;
+        Ok(())
+    }
+
+    /// Every pre-warm job record that decodes.
+    pub fn load_jobs(&self) -> Vec<JobRecord> {
+        self.jobs
+            .iter()
+            .filter_map(|kv| {
+                let (_, v) = kv.ok()?;
+                match serde_json::from_slice::<JobRecord>(&v) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping undecodable pre-warm job record");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Stores (`Some`) or deletes (`None`) a job record.
+    pub fn put_job(&self, id: &str, rec: Option<&JobRecord>) -> Result<(), StoreError> {
+        match rec {
+            Some(r) => {
+                self.jobs.insert(id.as_bytes(), serde_json::to_vec(r)?)?;
+            }
+            None => {
+                self.jobs.remove(id.as_bytes())?;
+            }
+        }
         Ok(())
     }
 
