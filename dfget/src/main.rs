@@ -7,7 +7,11 @@
 //!
 //! Exit codes: 0 ok; 1 other failure; 2 usage; 3 daemon not reachable; 4 origin error
 //! (404, unreachable); 5 digest mismatch; 6 stalled; 7 local storage (disk full, quota).
+//!
+//! `dfget prewarm IMAGE --supernode URL ...` is the rollout hook ([`prewarm`]).
 #![forbid(unsafe_code)]
+
+mod prewarm;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -25,12 +29,15 @@ use sha2::{Digest, Sha256};
 
 const DEFAULT_DAEMON_SOCK: &str = "/run/dfp2p/dfdaemon.sock";
 
-/// Download a URL through the P2P network (the local dfdaemon).
+/// Download a URL through the P2P network (the local dfdaemon), or pre-warm an image on
+/// a set of nodes (`dfget prewarm --help`).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// URL to fetch (http or https)
-    url: String,
+    url: Option<String>,
     /// Write to FILE instead of stdout ("-" is stdout)
     #[arg(short = 'O', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
@@ -49,6 +56,13 @@ struct Args {
     /// TOML config file (keys: daemon_sock); flags override it. Unknown keys are rejected.
     #[arg(long)]
     config: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Pre-warm an image on nodes through the P2P network and wait for it (the hook a
+    /// rollout calls before each batch)
+    Prewarm(prewarm::PrewarmArgs),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +215,12 @@ impl Drop for Output {
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
+    if let Some(Command::Prewarm(p)) = args.command {
+        return prewarm::run(p).await;
+    }
+    let Some(url) = args.url.clone() else {
+        return Err(Failure::new(2, "a URL to fetch is required (see --help)"));
+    };
     let file: FileConfig = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -227,7 +247,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         .map(|h| parse_header(h))
         .collect::<Result<Vec<_>, _>>()?;
     let req = DownloadRequest {
-        url: args.url.clone(),
+        url,
         headers,
         digest,
         content_addressed: false,

@@ -129,6 +129,8 @@ impl JobBook {
             for p in progress.iter().filter(|p| p.job == id) {
                 changed |= apply_progress(&mut rec.status, host, p);
             }
+            // A job is over the moment its last host is: the API says so at once.
+            settle(&mut rec.status);
             if rec.status.state == JobState::Running
                 && let Some(b) = current_batch(&rec.status)
             {
@@ -218,28 +220,33 @@ impl JobBook {
                     }
                 }
             }
-            if current_batch(&rec.status).is_none() {
-                let all_warm = rec.status.batches.iter().all(BatchStatus::all_warm);
-                rec.status.state = if all_warm {
-                    JobState::Succeeded
-                } else {
-                    JobState::Failed
-                };
-                if !all_warm {
-                    let failed = rec
-                        .status
-                        .batches
-                        .iter()
-                        .flat_map(|b| &b.hosts)
-                        .filter(|h| h.state == HostState::Failed)
-                        .count();
-                    rec.status.error = Some(format!("{failed} host(s) failed"));
-                }
-            }
+            settle(&mut rec.status);
             if rec.status != before {
                 self.dirty.push(id);
             }
         }
+    }
+}
+
+/// A running job whose every host is warm or failed is over: succeeded if all are warm.
+fn settle(s: &mut JobStatus) {
+    if s.state != JobState::Running || current_batch(s).is_some() {
+        return;
+    }
+    let all_warm = s.batches.iter().all(BatchStatus::all_warm);
+    s.state = if all_warm {
+        JobState::Succeeded
+    } else {
+        JobState::Failed
+    };
+    if !all_warm {
+        let failed = s
+            .batches
+            .iter()
+            .flat_map(|b| &b.hosts)
+            .filter(|h| h.state == HostState::Failed)
+            .count();
+        s.error = Some(format!("{failed} host(s) failed"));
     }
 }
 
