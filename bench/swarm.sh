@@ -165,7 +165,7 @@ preflight() {
     case "$F_MIB" in ''|*[!0-9]*) die "F_MIB must be a whole number of MiB" ;; esac
     local v need_pkgs=() pkg cmd
     for v in ${VARIANTS//,/ }; do
-        case "$v" in dfp2p|http|bt) ;; *) die "unknown variant '$v' (dfp2p, http, bt)" ;; esac
+        case "$v" in dfp2p|mirror|http|bt) ;; *) die "unknown variant '$v' (dfp2p, mirror, http, bt)" ;; esac
     done
     for pair in nginx:nginx-light curl:curl tc:iproute2; do
         cmd=${pair%%:*}; pkg=${pair#*:}
@@ -197,7 +197,7 @@ preflight() {
             command -v "$cmd" >/dev/null || die "bt variant needs $cmd"
         done
     fi
-    if [[ ",$VARIANTS," == *,dfp2p,* ]]; then
+    if [[ ",$VARIANTS," == *,dfp2p,* || ",$VARIANTS," == *,mirror,* ]]; then
         for b in supernode dfdaemon dfget; do
             [ -x "$BIN_DIR/$b" ] || die "dfp2p binary missing: $BIN_DIR/$b (set BIN_DIR)"
         done
@@ -461,6 +461,13 @@ dfp2p_cmd() {
             --daemon-sock "$d/dfdaemon.sock" --no-progress)
 }
 dfp2p_out() { echo "$WORK/dfp2p/h$1/out/file.bin"; }
+# The containerd path: the same bytes as an OCI blob, through the host's registry mirror.
+mirror_cmd() {
+    local d=$WORK/mirror/h$1
+    JOBCMD=(curl -sS --fail -o "$d/out/file.bin"
+            "http://127.0.0.1:65001/v2/bench/app/blobs/sha256:$FILE_SHA?ns=$ORIGIN_IP")
+}
+mirror_out() { echo "$WORK/mirror/h$1/out/file.bin"; }
 
 daemon_healthy() { curl -sf --max-time 2 --unix-socket "$1" http://x/healthz; }
 sn_hosts() {
@@ -469,10 +476,16 @@ sn_hosts() {
 }
 sn_has_hosts() { [ "$(sn_hosts 2>/dev/null)" = "$N" ]; }
 
-variant_dfp2p() {
-    begin_variant dfp2p
-    local sn=$WORK/dfp2p/sn i
-    rm -rf "$WORK/dfp2p"; mkdir -p "$sn"
+variant_dfp2p() { daemons_variant dfp2p dfp2p_cmd dfp2p_out; }
+variant_mirror() { daemons_variant mirror mirror_cmd mirror_out; }
+
+# A supernode and a dfdaemon per host; clients started with $2, outputs found with $3.
+daemons_variant() {   # name cmdfn outfn
+    begin_variant "$1"
+    local cmdfn=$2 outfn=$3
+    DW=$WORK/$1
+    local sn=$DW/sn i
+    rm -rf "$DW"; mkdir -p "$sn"
     meta placement "supernode in $CTL_NS ($CTL_IP, not shaped); one dfdaemon per host namespace"
     start_bg supernode "$CTL_NS" "$((VTMO + 120))" "$BIN_DIR/supernode" \
         --listen "$CTL_IP:$SN_PORT" --api-listen "$CTL_IP:$SN_API" --data-dir "$sn" \
@@ -485,31 +498,32 @@ variant_dfp2p() {
         vfail "supernode did not start"; end_variant; stop_pids "${VPIDS[@]}"; return
     fi
     for i in $(seq "$N"); do
-        local d=$WORK/dfp2p/h$i
+        local d=$DW/h$i
         mkdir -p "$d/data" "$d/out"
         start_bg "dfdaemon-h$i" "$(host_ns "$i")" "$((VTMO + 120))" "$BIN_DIR/dfdaemon" \
             --supernode "$CTL_IP:$SN_PORT" --data-dir "$d/data" --host-id "h$i" \
             --peer-listen "$(host_ip "$i"):65000" --api-sock "$d/dfdaemon.sock" \
             --proxy-listen 127.0.0.1:65001 --ca-cert "$sn/ca.pem" --ca-key "$sn/ca-key.pem" \
+            --plain-http-registry "$ORIGIN_IP" \
             ${DAEMON_ARGS:-}
         VPIDS+=("$LAST_PID")
     done
     for i in $(seq "$N"); do
-        if ! wait_until 30 "dfdaemon h$i healthz" daemon_healthy "$WORK/dfp2p/h$i/dfdaemon.sock"; then
+        if ! wait_until 30 "dfdaemon h$i healthz" daemon_healthy "$DW/h$i/dfdaemon.sock"; then
             tail -20 "$WORK/logs/dfdaemon-h$i.log" >&2
             vfail "dfdaemon h$i did not become healthy"; end_variant; stop_pids "${VPIDS[@]}"; return
         fi
     done
     wait_until 20 "supernode to list $N hosts" sn_has_hosts \
         || log "[dfp2p] note: supernode /api/v1/hosts lists $(sn_hosts 2>/dev/null || echo '?') hosts (continuing)"
-    spawn_jobs dfp2p_cmd
+    spawn_jobs "$cmdfn"
     go_now
-    log "[dfp2p] $N x dfget started"
+    log "[$VN] $N clients started"
     wait_jobs
     end_counters
     # metrics and scheduler state
     for i in $(seq "$N"); do
-        curl -sf --max-time 5 --unix-socket "$WORK/dfp2p/h$i/dfdaemon.sock" http://x/metrics \
+        curl -sf --max-time 5 --unix-socket "$DW/h$i/dfdaemon.sock" http://x/metrics \
             > "$VD/h$i.metrics" 2>/dev/null
     done
     ip netns exec "$CTL_NS" curl -sf --max-time 5 "http://$CTL_IP:$SN_API/metrics" > "$VD/supernode.metrics" 2>/dev/null
@@ -523,8 +537,8 @@ variant_dfp2p() {
         cp "$WORK/logs/dfp2p-h$i.log" "$VD/dfget-h$i.log" 2>/dev/null
     done
     cp "$WORK/logs/supernode.log" "$VD/supernode.log" 2>/dev/null
-    verify_outputs dfp2p_out
-    rm -rf "$WORK/dfp2p"
+    verify_outputs "$outfn"
+    rm -rf "$DW"
     end_variant
 }
 
@@ -673,6 +687,9 @@ main() {
     head -c "$FILE_BYTES" /dev/urandom > "$WORK/www/file.bin" || die "cannot write the file"
     chmod 644 "$WORK/www/file.bin"
     FILE_SHA=$(sha256sum "$WORK/www/file.bin" | cut -d' ' -f1)
+    # The same bytes where a registry keeps a blob, for the mirror variant.
+    mkdir -p "$WORK/www/v2/bench/app/blobs"
+    ln "$WORK/www/file.bin" "$WORK/www/v2/bench/app/blobs/sha256:$FILE_SHA"
 
     # background CPU load before the run (other work on the machine)
     local s0 s1
@@ -714,9 +731,13 @@ EOF
         "variant_$v"
     done
 
-    mkdir -p "$HERE/results"
-    local args=(report "$WORK/res" --png "$HERE/results/swarm-N$N-F$F_MIB.png"
-                --json "$HERE/results/swarm-N$N-F$F_MIB.json")
+    # Results go to bench/results/ (RESULTS_DIR overrides; the CI run keeps them out of
+    # the checkout), named by size and rate.
+    local out=${RESULTS_DIR:-$HERE/results}
+    [ "$QUICK" = 1 ] && out=${RESULTS_DIR:-$WORK/results}
+    mkdir -p "$out"
+    local stem=$out/swarm-N$N-F$F_MIB-$RATE
+    local args=(report "$WORK/res" --png "$stem.png" --json "$stem.json")
     [ "$BENCH_MD" = 1 ] && args+=(--md "$REPO/BENCHMARKS.md")
     "$PY" "$HELPER" "${args[@]}" || { log "report failed"; FAIL=1; }
     "$PY" "$HELPER" check "$WORK/res" --max-egress 1.1 || FAIL=1

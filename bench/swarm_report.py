@@ -20,7 +20,7 @@ import urllib.request
 
 BEGIN = "<!-- swarm-bench:begin -->"
 END = "<!-- swarm-bench:end -->"
-LABELS = {"dfp2p": "dfp2p (dfget)", "http": "direct HTTP (curl)", "bt": "BitTorrent (aria2c)"}
+LABELS = {"dfp2p": "dfp2p (dfget)", "mirror": "dfp2p (registry mirror, curl)", "http": "direct HTTP (curl)", "bt": "BitTorrent (aria2c)"}
 
 
 # ------------------------------------------------------------------ bencode
@@ -240,7 +240,7 @@ def load_variant(resdir, name, run):
     if samples:
         v["cpu_busy_max1s"] = max(samples)
         v["cpu_sat_pct"] = 100.0 * sum(1 for s in samples if s >= 95) / len(samples)
-    if name == "dfp2p":
+    if name in ("dfp2p", "mirror"):
         origin = peer = cache = up = 0.0
         fails = 0.0
         reasons = {}
@@ -371,7 +371,7 @@ def markdown(r, png_rel):
             notes.append(f"{v['origin_http_requests']} origin HTTP requests, up to "
                          f"{v['origin_peak_concurrent']} at once, last one done at "
                          f"{fmt(v['origin_last_response_s'])} s")
-        if v["name"] == "dfp2p":
+        if v["name"] in ("dfp2p", "mirror"):
             notes.append(f"pieces from origin {fmt(v.get('pieces_from_origin_f'), 3)} F, from peers "
                          f"{fmt(v.get('pieces_from_peers_f'), 2)} F (daemon metrics); piece failures "
                          f"{fmt(v.get('piece_failures'), 0)} "
@@ -481,8 +481,8 @@ def cmd_check(a):
         if v["status"] != "ok" or v["ok"] != v["n"]:
             print(f"CHECK FAILED: {v['name']}: {v['ok']}/{v['n']} hosts got correct bytes; {v['error']}")
             bad = 1
-        if v["name"] == "dfp2p" and v.get("egress_wire_f", 0) > a.max_egress:
-            print(f"CHECK FAILED: dfp2p origin egress {v['egress_wire_f']:.3f} F > {a.max_egress} F")
+        if v["name"] in ("dfp2p", "mirror") and v.get("egress_wire_f", 0) > a.max_egress:
+            print(f"CHECK FAILED: {v['name']} origin egress {v['egress_wire_f']:.3f} F > {a.max_egress} F")
             bad = 1
     if not bad:
         print("check: ok")
