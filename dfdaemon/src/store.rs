@@ -678,6 +678,40 @@ mod tests {
     }
 
     #[test]
+    fn pinned_content_is_not_evicted_until_unpinned_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 2500).unwrap();
+        let ids: Vec<TaskId> = (0..3)
+            .map(|i| TaskId::for_url(&format!("http://o/p{i}"), &[], None))
+            .collect();
+        for id in &ids[..2] {
+            let _l = s.open_task(*id, "x", None).unwrap();
+            s.set_layout(id, layout(1000), true).unwrap();
+        }
+        s.pin(&ids[0], now_secs() + 3600).unwrap();
+        s.pin(&ids[1], now_secs() + 3600).unwrap();
+        let _c = s.open_task(ids[2], "c", None).unwrap();
+        assert!(
+            matches!(
+                s.set_layout(&ids[2], layout(1000), true),
+                Err(StoreError::Quota { .. })
+            ),
+            "pinned content stays"
+        );
+        // Pulled: evictable again. Expired pins count for nothing either.
+        s.unpin(&ids[0]);
+        s.pin(&ids[1], now_secs().saturating_sub(1)).unwrap();
+        assert_eq!(
+            s.pinned_until(&ids[1]),
+            now_secs() + 3600,
+            "a pin only extends"
+        );
+        s.set_layout(&ids[2], layout(1000), true).unwrap();
+        assert!(s.meta(&ids[0]).is_none(), "the unpinned task was evicted");
+        assert!(s.meta(&ids[1]).is_some(), "the pinned one was not");
+    }
+
+    #[test]
     fn short_piece_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), u64::MAX).unwrap();

@@ -861,7 +861,25 @@ impl Registry {
         manifest: &[u8],
         auth: Option<&str>,
     ) -> anyhow::Result<String> {
-        let mut h = vec![("Content-Type", "application/vnd.oci.image.manifest.v1+json")];
+        self.push_manifest_typed(
+            name,
+            tag,
+            manifest,
+            "application/vnd.oci.image.manifest.v1+json",
+            auth,
+        )
+    }
+
+    /// Pushes a manifest (or index) of `media_type` under `tag`; returns its digest.
+    pub fn push_manifest_typed(
+        &self,
+        name: &str,
+        tag: &str,
+        manifest: &[u8],
+        media_type: &str,
+        auth: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut h = vec![("Content-Type", media_type)];
         if let Some(a) = auth {
             h.push(("Authorization", a));
         }

@@ -258,3 +258,51 @@ fn a_job_survives_a_supernode_restart() {
     let j = job(&sn, &id);
     assert_eq!(j["state"], "succeeded", "{j}");
 }
+
+#[test]
+fn an_index_resolves_to_the_requested_platform() {
+    let root = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&root.path().join("registry"), None).unwrap();
+    tests::push_tar_image(&reg, "multi/app", MIB, 730).unwrap();
+    // An index over the amd64 image just pushed and an arm64 entry.
+    let (st, h, _) = tests::http_request(
+        reg.addr,
+        "HEAD",
+        "/v2/multi/app/manifests/v1",
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200);
+    let digest = h["docker-content-digest"].clone();
+    let size = h["content-length"].clone();
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[
+        {{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}},
+        {{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+    );
+    reg.push_manifest_typed(
+        "multi/app",
+        "multi",
+        index.as_bytes(),
+        "application/vnd.oci.image.index.v1+json",
+        None,
+    )
+    .unwrap();
+    let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
+    let _d = DaemonProc::start(&sn, root.path(), "m0", &[]).unwrap();
+    wait_hosts(&sn, 1);
+    let image = format!("{}/multi/app:multi", reg.addr);
+    let out = prewarm(&sn, &[&image, "--hosts", "m0", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let jobs = sn.get_json("/api/v1/prewarm").unwrap();
+    assert_eq!(
+        jobs[0]["manifest"].as_str().unwrap(),
+        digest,
+        "the amd64 entry"
+    );
+    assert_eq!(jobs[0]["layers"].as_array().unwrap().len(), 4);
+    let out = prewarm(&sn, &[&image, "--hosts", "m0", "--platform", "linux/s390x"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("linux/s390x"), "{}", text(&out));
+}
