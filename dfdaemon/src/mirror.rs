@@ -122,24 +122,14 @@ impl MirrorState {
         )))
     }
 
-    /// Loopback registries and configured plain-HTTP ones are spoken to over HTTP.
     fn count_cache(&self, req: &DownloadRequest) {
         let hit = self.engine.is_cached(&Engine::task_id(req));
         Metrics::count(&self.metrics.mirror_cache, if hit { "hit" } else { "miss" });
     }
 
+    /// Loopback registries and configured plain-HTTP ones are spoken to over HTTP.
     fn scheme_for(&self, registry: &str) -> &'static str {
-        let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback = host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        if loopback || self.cfg.plain_http.iter().any(|r| r == registry) {
-            "http"
-        } else {
-            "https"
-        }
+        supernode::registry::scheme_for(registry, &self.cfg.plain_http)
     }
 }
 

@@ -21,16 +21,7 @@ fn hosts_dir(
     reg: &Registry,
     mirror: Option<SocketAddr>,
 ) -> std::path::PathBuf {
-    let dir = root.join(name).join(reg.addr.to_string());
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut toml = format!("server = \"http://{}\"\n", reg.addr);
-    if let Some(m) = mirror {
-        toml.push_str(&format!(
-            "\n[host.\"http://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        ));
-    }
-    std::fs::write(dir.join("hosts.toml"), toml).unwrap();
-    root.join(name)
+    tests::hosts_dir(&root.join(name), reg, mirror)
 }
 
 fn timed_pull(

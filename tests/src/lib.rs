@@ -1276,3 +1276,18 @@ fn token_answer(
         ),
     }
 }
+
+/// A containerd hosts directory for `reg`: straight to the registry, or through `mirror`
+/// first (pull and resolve). Returns the directory to give `ctr --hosts-dir`.
+pub fn hosts_dir(dir: &Path, reg: &Registry, mirror: Option<SocketAddr>) -> PathBuf {
+    let host_dir = dir.join(reg.addr.to_string());
+    std::fs::create_dir_all(&host_dir).expect("hosts dir");
+    let mut toml = format!("server = \"http://{}\"\n", reg.addr);
+    if let Some(m) = mirror {
+        toml.push_str(&format!(
+            "\n[host.\"http://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
+    }
+    std::fs::write(host_dir.join("hosts.toml"), toml).expect("hosts.toml");
+    dir.to_path_buf()
+}

@@ -144,17 +144,7 @@ fn batches_of_labelled_hosts_are_warmed_in_order_and_a_pull_needs_no_blob_from_t
     // A containerd pull on a warmed node: the registry sees the tag and manifest
     // requests, no blob.
     let d = &daemons[3];
-    let hosts = root.path().join("hosts");
-    let dir = hosts.join(reg.addr.to_string());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            reg.addr, d.proxy_addr
-        ),
-    )
-    .unwrap();
+    let hosts = tests::hosts_dir(&root.path().join("hosts"), &reg, Some(d.proxy_addr));
     let ctd = Containerd::start(&root.path().join("containerd")).unwrap();
     let before = reg.bytes_sent();
     let out = ctd.pull(&hosts, &image);

@@ -35,17 +35,7 @@ fn token_auth_through_the_mirror() {
 
     let sn = SupernodeProc::start(&root.path().join("sn")).unwrap();
     let d = DaemonProc::start(&sn, root.path(), "t0", &[]).unwrap();
-    let hosts = root.path().join("hosts");
-    let dir = hosts.join(reg.addr.to_string());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            reg.addr, d.proxy_addr
-        ),
-    )
-    .unwrap();
+    let hosts = tests::hosts_dir(&root.path().join("hosts"), &reg, Some(d.proxy_addr));
     let ctd = Containerd::start(&root.path().join("containerd")).unwrap();
     let reference = format!("{}/{name}:v1", reg.addr);
     let hosts_s = hosts.to_str().unwrap();
