@@ -10,19 +10,18 @@ use std::path::{Path, PathBuf};
 /// Where containerd's CRI plugin looks when `config_path` points here.
 pub const DEFAULT_CERTS_DIR: &str = "/etc/containerd/certs.d";
 
-/// The upstream URL containerd should fall back to for a registry host.
+/// The upstream URL containerd should fall back to for a registry host (loopback
+/// registries over HTTP; Docker Hub's API lives on another host than its name).
 fn server_url(registry: &str) -> String {
-    let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    match registry {
-        // Docker Hub's API lives on another host than its name.
-        "docker.io" => "https://registry-1.docker.io".to_string(),
-        _ if loopback => format!("http://{registry}"),
-        _ => format!("https://{registry}"),
-    }
+    let host = if registry == "docker.io" {
+        "registry-1.docker.io"
+    } else {
+        registry
+    };
+    format!(
+        "{}://{host}",
+        supernode::registry::scheme_for(registry, &[])
+    )
 }
 
 /// `hosts.toml` content for `registry` (`None`: the `_default` entry for every registry).

@@ -83,19 +83,18 @@ pub async fn run(
             _ = cancel.cancelled() => return,
             _ = every.tick() => {}
         }
+        // One status read per blob and poll: it is both reported and what pins.
+        let mut report = Vec::with_capacity(running.len());
         for r in running.values_mut() {
-            if !r.pinned
-                && r.handle
-                    .as_ref()
-                    .is_some_and(|h| h.status().state == TaskState::Done)
-            {
+            let p = progress(r);
+            if !r.pinned && p.state == LayerState::Done {
                 if let Err(e) = store.pin(&r.task, unix_now() + r.work.pin_secs) {
                     tracing::warn!(task = %r.task, error = %e, "pinning pre-warmed content failed");
                 }
                 r.pinned = true;
             }
+            report.push(p);
         }
-        let report: Vec<WorkProgress> = running.values().map(progress).collect();
         let req = ControlRequest::PrewarmPoll {
             host: control.host().clone(),
             progress: report,

@@ -155,9 +155,12 @@ fn api_message(body: &[u8]) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string())
 }
 
-async fn get_status(http: &reqwest::Client, base: &str, id: &str) -> Result<JobStatus, Failure> {
-    let resp = http
-        .get(format!("{base}/api/v1/prewarm/{id}"))
+/// Sends a request to the supernode: its status and body, or exit 3 if it can't be asked.
+async fn exchange(
+    rb: reqwest::RequestBuilder,
+    base: &str,
+) -> Result<(reqwest::StatusCode, bytes::Bytes), Failure> {
+    let resp = rb
         .send()
         .await
         .map_err(|e| Failure::new(3, format!("supernode not reachable at {base}: {e}")))?;
@@ -166,6 +169,11 @@ async fn get_status(http: &reqwest::Client, base: &str, id: &str) -> Result<JobS
         .bytes()
         .await
         .map_err(|e| Failure::new(3, format!("supernode at {base}: {e}")))?;
+    Ok((status, body))
+}
+
+async fn get_status(http: &reqwest::Client, base: &str, id: &str) -> Result<JobStatus, Failure> {
+    let (status, body) = exchange(http.get(format!("{base}/api/v1/prewarm/{id}")), base).await?;
     if !status.is_success() {
         return Err(Failure::new(1, format!("job {id}: {}", api_message(&body))));
     }
@@ -238,17 +246,11 @@ pub async fn run(a: PrewarmArgs) -> Result<(), Failure> {
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| Failure::new(1, e.to_string()))?;
-    let resp = http
-        .post(format!("{base}/api/v1/prewarm"))
-        .json(&spec)
-        .send()
-        .await
-        .map_err(|e| Failure::new(3, format!("supernode not reachable at {base}: {e}")))?;
-    let code = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| Failure::new(3, format!("supernode at {base}: {e}")))?;
+    let (code, body) = exchange(
+        http.post(format!("{base}/api/v1/prewarm")).json(&spec),
+        &base,
+    )
+    .await?;
     if !code.is_success() {
         let exit = match code.as_u16() {
             400 => 2,

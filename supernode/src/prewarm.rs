@@ -104,17 +104,7 @@ impl JobBook {
         let rec = self.jobs.get_mut(id)?;
         if rec.status.state == JobState::Running {
             rec.status.state = JobState::Cancelled;
-            for h in rec
-                .status
-                .batches
-                .iter_mut()
-                .flat_map(|b| b.hosts.iter_mut())
-            {
-                if !matches!(h.state, HostState::Warm | HostState::Failed) {
-                    h.state = HostState::Failed;
-                    h.error = Some("job cancelled".into());
-                }
-            }
+            fail_unfinished(&mut rec.status, |_, _| "job cancelled".into());
             self.dirty.push(id.to_string());
         }
         Some(rec.status.clone())
@@ -184,21 +174,13 @@ impl JobBook {
             let id = rec.status.id.clone();
             let before = rec.status.clone();
             if now >= rec.status.deadline {
-                for h in rec
-                    .status
-                    .batches
-                    .iter_mut()
-                    .flat_map(|b| b.hosts.iter_mut())
-                {
-                    if !matches!(h.state, HostState::Warm | HostState::Failed) {
-                        h.error = Some(if h.state == HostState::Warming {
-                            "timed out warming".into()
-                        } else {
-                            "timed out before its batch started".into()
-                        });
-                        h.state = HostState::Failed;
+                fail_unfinished(&mut rec.status, |h, _| {
+                    if h.state == HostState::Warming {
+                        "timed out warming".into()
+                    } else {
+                        "timed out before its batch started".into()
                     }
-                }
+                });
             } else if let Some(b) = current_batch(&rec.status) {
                 for h in rec.status.batches[b].hosts.iter_mut() {
                     if matches!(h.state, HostState::Warm | HostState::Failed) {
@@ -223,6 +205,18 @@ impl JobBook {
             settle(&mut rec.status);
             if rec.status != before {
                 self.dirty.push(id);
+            }
+        }
+    }
+}
+
+/// Fails every host neither warm nor failed, with `reason(host, batch index)`.
+fn fail_unfinished(s: &mut JobStatus, reason: impl Fn(&HostStatus, usize) -> String) {
+    for (i, b) in s.batches.iter_mut().enumerate() {
+        for h in b.hosts.iter_mut() {
+            if !matches!(h.state, HostState::Warm | HostState::Failed) {
+                h.error = Some(reason(h, i));
+                h.state = HostState::Failed;
             }
         }
     }
