@@ -174,11 +174,12 @@ impl JobBook {
             let id = rec.status.id.clone();
             let before = rec.status.clone();
             if now >= rec.status.deadline {
-                fail_unfinished(&mut rec.status, |h, _| {
-                    if h.state == HostState::Warming {
-                        "timed out warming".into()
-                    } else {
-                        "timed out before its batch started".into()
+                let current = current_batch(&rec.status);
+                fail_unfinished(&mut rec.status, |h, i| {
+                    match (h.state, Some(i) == current) {
+                        (HostState::Warming, _) => "timed out warming".into(),
+                        (_, true) => "timed out: its daemon never asked for the work".into(),
+                        _ => "timed out before its batch started".into(),
                     }
                 });
             } else if let Some(b) = current_batch(&rec.status) {
@@ -448,6 +449,10 @@ mod tests {
         b.tick(100, |_| true);
         let s = b.get("j").unwrap();
         assert_eq!(s.state, JobState::Failed);
+        assert_eq!(
+            s.batches[0].hosts[1].error.as_deref(),
+            Some("timed out warming")
+        );
         assert!(
             s.batches[0].hosts[1]
                 .error
