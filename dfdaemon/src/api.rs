@@ -15,16 +15,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use proto::api::{ApiError, DownloadRequest, ErrorKind, TASK_ID_HEADER};
+use proto::api::{
+    ApiError, CONTENT_LENGTH_HEADER, DownloadRequest, ErrorKind, FileProgress, TASK_ID_HEADER,
+    TaskState,
+};
 use proto::{PieceIndex, TaskId};
 
-use crate::download::{Engine, api_error};
+use crate::download::{Engine, Progress, TaskHandle, api_error};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
 
 /// Pieces read and verified ahead of the one being sent to the client; overlaps disk,
 /// hashing and socket writes at the cost of this many pieces of memory per reader.
 const READ_AHEAD: usize = 3;
+/// How long a handed-out data file is held from eviction for the caller to link it.
+const LINK_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 /// A reader retries a piece this often when it is found corrupt and refetched.
 const READ_ATTEMPTS: usize = 3;
 
@@ -38,6 +43,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/download", post(download))
+        .route("/v1/download/file", post(download_file))
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .with_state(state)
@@ -93,23 +99,27 @@ async fn get_task(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Res
     }
 }
 
+/// Parses a download request, starts (or joins) it and waits for its layout; failures
+/// up to there are an error status.
+async fn begin(
+    s: &ApiState,
+    body: &[u8],
+) -> Result<(DownloadRequest, Arc<TaskHandle>, proto::PieceLayout), Response> {
+    let req: DownloadRequest = serde_json::from_slice(body).map_err(|e| {
+        error_response(api_error(
+            ErrorKind::BadRequest,
+            format!("bad download request: {e}"),
+        ))
+    })?;
+    let h = s.engine.start(req.clone()).map_err(error_response)?;
+    let layout = h.wait_started().await.map_err(error_response)?;
+    Ok((req, h, layout))
+}
+
 async fn download(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
-    let req: DownloadRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error_response(api_error(
-                ErrorKind::BadRequest,
-                format!("bad download request: {e}"),
-            ));
-        }
-    };
-    let h = match s.engine.start(req.clone()) {
-        Ok(h) => h,
-        Err(e) => return error_response(e),
-    };
-    let layout = match h.wait_started().await {
-        Ok(l) => l,
-        Err(e) => return error_response(e),
+    let (req, h, layout) = match begin(&s, &body).await {
+        Ok(v) => v,
+        Err(r) => return r,
     };
     let stream = content_stream(
         s.engine.clone(),
@@ -194,4 +204,178 @@ async fn read_in_order(
         }
     }
     Err(io_err(format!("piece {piece} kept failing verification")))
+}
+
+/// `POST /v1/download/file`: progress lines, then the verified data file's path for the
+/// caller to link or copy (see [`proto::api::FileProgress`]).
+async fn download_file(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+    let (req, h, layout) = match begin(&s, &body).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let id = h.id.to_string();
+    let stream = file_progress(s.engine.clone(), req, h);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(CONTENT_LENGTH_HEADER, layout.content_length)
+        .header(TASK_ID_HEADER, id)
+        .body(Body::from_stream(futures_util::stream::unfold(
+            Some(stream),
+            |st| async move {
+                let mut st = st?;
+                if st.lease.is_some() {
+                    // Done was sent: keep the file from eviction while the caller links
+                    // it; the caller hanging up drops this stream and the lease.
+                    tokio::time::sleep(LINK_GRACE).await;
+                    return None;
+                }
+                let (line, last) = st.next_line().await;
+                let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+                bytes.push(b'\n');
+                Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(bytes)),
+                    (!last || st.lease.is_some()).then_some(st),
+                ))
+            },
+        )))
+        .unwrap_or_else(|e| error_response(api_error(ErrorKind::Internal, e.to_string())))
+}
+
+/// State of one `download/file` answer.
+struct FileStream {
+    engine: Arc<Engine>,
+    req: DownloadRequest,
+    h: Arc<TaskHandle>,
+    rx: tokio::sync::watch::Receiver<Progress>,
+    sent: u64,
+    restarts: usize,
+    /// Taken when the file is handed out.
+    lease: Option<crate::store::TaskLease>,
+}
+
+fn file_progress(engine: Arc<Engine>, req: DownloadRequest, h: Arc<TaskHandle>) -> FileStream {
+    let rx = h.subscribe();
+    FileStream {
+        engine,
+        req,
+        h,
+        rx,
+        sent: 0,
+        restarts: 0,
+        lease: None,
+    }
+}
+
+impl FileStream {
+    /// The next line to send, and whether it is the last.
+    async fn next_line(&mut self) -> (FileProgress, bool) {
+        loop {
+            let (state, error, ready, layout) = {
+                let p = self.rx.borrow_and_update();
+                let ready = p.layout.map_or(0, |l| {
+                    (u64::from(p.stored.count()) * u64::from(l.piece_size)).min(l.content_length)
+                });
+                (p.state, p.error.clone(), ready, p.layout)
+            };
+            match state {
+                TaskState::Failed => {
+                    let e =
+                        error.unwrap_or_else(|| api_error(ErrorKind::Internal, "download failed"));
+                    return (FileProgress::Failed(e), true);
+                }
+                TaskState::Done => {
+                    let Some(layout) = layout else {
+                        return (
+                            FileProgress::Failed(api_error(ErrorKind::Internal, "no layout")),
+                            true,
+                        );
+                    };
+                    let store = &self.engine.store;
+                    let lease = match store.open_task(self.h.id, &self.req.url, self.req.digest) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let e = api_error(ErrorKind::Storage, e.to_string());
+                            return (FileProgress::Failed(e), true);
+                        }
+                    };
+                    // Evicted (or dropped) since it was done: fetch it again.
+                    if !store.meta(&self.h.id).is_some_and(|m| m.complete) {
+                        drop(lease);
+                        if let Err(e) = self.restart() {
+                            return (FileProgress::Failed(e), true);
+                        }
+                        continue;
+                    }
+                    // Pieces that were on disk before this download were never checked in
+                    // memory; the caller gets the file without a read through us, so
+                    // check them now (a torn or rotted piece is dropped and refetched).
+                    if self.h.pieces_at_start() > 0 {
+                        match self.verify(layout).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                if let Err(e) = self.restart() {
+                                    return (FileProgress::Failed(e), true);
+                                }
+                                continue;
+                            }
+                            Err(e) => {
+                                return (
+                                    FileProgress::Failed(api_error(
+                                        ErrorKind::Storage,
+                                        e.to_string(),
+                                    )),
+                                    true,
+                                );
+                            }
+                        }
+                    }
+                    let done = FileProgress::Done {
+                        path: self.engine.store.data_file(&self.h.id),
+                        length: layout.content_length,
+                    };
+                    self.lease = Some(lease);
+                    return (done, true);
+                }
+                TaskState::Running => {
+                    if ready > self.sent {
+                        self.sent = ready;
+                        return (FileProgress::Ready { bytes: ready }, false);
+                    }
+                    if self.rx.changed().await.is_err() {
+                        let e = api_error(ErrorKind::Internal, "download driver went away");
+                        return (FileProgress::Failed(e), true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads every piece through the store's verification; false if any was bad (and
+    /// dropped, so a restart refetches it).
+    async fn verify(&self, layout: proto::PieceLayout) -> Result<bool, StoreError> {
+        let mut intact = true;
+        for piece in layout.pieces() {
+            match self.engine.read_piece(&self.h, piece).await {
+                Ok(_) => {}
+                Err(StoreError::Corrupt { .. } | StoreError::Missing { .. }) => intact = false,
+                Err(StoreError::UnknownTask(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(intact)
+    }
+
+    fn restart(&mut self) -> Result<(), ApiError> {
+        self.restarts += 1;
+        if self.restarts > READ_ATTEMPTS {
+            return Err(api_error(
+                ErrorKind::Storage,
+                "stored content kept failing verification",
+            ));
+        }
+        self.h = self.engine.start(self.req.clone())?;
+        self.rx = self.h.subscribe();
+        Ok(())
+    }
 }

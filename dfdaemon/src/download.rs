@@ -134,6 +134,12 @@ impl TaskHandle {
         self.progress.subscribe()
     }
 
+    /// Pieces that were already on disk when this download started: written by an
+    /// earlier run or download, so not verified in memory by this one.
+    pub fn pieces_at_start(&self) -> u32 {
+        self.at_start
+    }
+
     pub fn progress(&self) -> Progress {
         self.progress.borrow().clone()
     }

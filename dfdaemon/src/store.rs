@@ -348,11 +348,16 @@ impl Store {
             path: path.clone(),
             source,
         };
+        // A fresh inode, never a truncated old one: the old file may be hard-linked as a
+        // caller's output (`POST /v1/download/file`), and that file must stay as it is.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
         let file = File::options()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&path)
             .map_err(io)?;
         file.set_len(layout.content_length).map_err(io)?;
@@ -404,6 +409,45 @@ impl Store {
         let _ = self.pins.remove(task.as_bytes());
         let _ = self.clear_pieces(task);
         let _ = std::fs::remove_file(self.data_path(task));
+    }
+
+    /// Where the task's content lives. Only complete tasks' files are handed out (for a
+    /// caller to hard-link or copy); the store never writes into a file while another
+    /// name points at it (see [`Store::drop_piece`]).
+    pub fn data_file(&self, task: &TaskId) -> PathBuf {
+        self.data_path(task)
+    }
+
+    /// The data file has names outside the store (a caller hard-linked it).
+    fn data_is_linked(&self, task: &TaskId) -> bool {
+        let file = self.lock().get(task).and_then(|e| e.file.clone());
+        file.and_then(|f| f.metadata().ok())
+            .is_some_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 1)
+    }
+
+    /// Replaces the task's data file with a private copy of it (same bytes, new inode),
+    /// so later writes don't reach the other names of the old one.
+    fn unshare(&self, task: &TaskId) -> std::io::Result<()> {
+        let path = self.data_path(task);
+        let temp = path.with_extension("unshare");
+        let copied = (|| {
+            let from = File::open(&path)?;
+            let mut to = File::create(&temp)?;
+            std::io::copy(&mut &from, &mut to)?;
+            std::fs::rename(&temp, &path)?;
+            File::options().read(true).write(true).open(&path)
+        })();
+        let file = match copied {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp);
+                return Err(e);
+            }
+        };
+        if let Some(e) = self.lock().get_mut(task) {
+            e.file = Some(Arc::new(file));
+        }
+        Ok(())
     }
 
     fn file_and_range(
@@ -498,6 +542,15 @@ impl Store {
     }
 
     pub fn drop_piece(&self, task: &TaskId, piece: PieceIndex) {
+        if self.data_is_linked(task) {
+            // Refetching the piece would write into a file a caller holds as its output:
+            // move to a private copy first and leave theirs as it is.
+            if let Err(e) = self.unshare(task) {
+                tracing::warn!(%task, %piece, error = %e, "could not copy a linked data file; discarding the task");
+                self.remove_task(task);
+                return;
+            }
+        }
         let _ = self.pieces.remove(piece_key(task, piece));
         let mut entries = self.lock();
         if let Some(e) = entries.get_mut(task) {
@@ -632,6 +685,42 @@ mod tests {
             "corrupt piece forgotten"
         );
         assert!(!s.meta(&task).unwrap().complete);
+    }
+
+    #[test]
+    fn a_linked_data_file_is_never_written_by_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        let task = TaskId::for_url("http://o/linked", &[], None);
+        let data = content(MIN_PIECE_SIZE as usize * 2 + 5);
+        let _l = s.open_task(task, "u", None).unwrap();
+        s.set_layout(&task, layout(data.len() as u64), true)
+            .unwrap();
+        fill(&s, &task, &data);
+        let out = dir.path().join("out");
+        std::fs::hard_link(s.data_file(&task), &out).unwrap();
+        // The caller writes into its output, which is the store's inode too.
+        let f = File::options().write(true).open(&out).unwrap();
+        f.write_all_at(&[data[0] ^ 1], 0).unwrap();
+        assert!(matches!(
+            s.read_piece(&task, PieceIndex(0)),
+            Err(StoreError::Corrupt { .. })
+        ));
+        // The store moved to its own copy: the repair does not touch the caller's file,
+        // and the other pieces were kept.
+        let p0 = &data[..MIN_PIECE_SIZE as usize];
+        s.write_piece(&task, PieceIndex(0), p0, Sha256Digest::of(p0))
+            .unwrap();
+        assert_eq!(&s.read_piece(&task, PieceIndex(0)).unwrap().0[..], p0);
+        assert!(s.stored(&task).unwrap().is_full());
+        let theirs = std::fs::read(&out).unwrap();
+        assert_eq!(theirs[0], data[0] ^ 1);
+        assert_eq!(&theirs[1..], &data[1..]);
+        // A new layout starts a new file rather than truncating a linked one.
+        std::fs::remove_file(&out).unwrap();
+        std::fs::hard_link(s.data_file(&task), &out).unwrap();
+        s.set_layout(&task, layout(10), true).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
     }
 
     #[test]

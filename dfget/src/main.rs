@@ -5,6 +5,12 @@
 //! temporary file next to the target and is renamed into place only when complete and
 //! verified: a failed download never leaves a plausible-looking file behind.
 //!
+//! With `-O FILE` the bytes do not cross the daemon's socket: the daemon downloads into
+//! its store and hands over its verified data file, which becomes FILE by a hard link
+//! (same filesystem; FILE then shares the daemon's copy, which the daemon never rewrites
+//! in place) or by a kernel-side copy. Where the daemon's file can't be opened from here
+//! (another user, an older daemon), the content is streamed as for stdout.
+//!
 //! Exit codes: 0 ok; 1 other failure; 2 usage; 3 daemon not reachable; 4 origin error
 //! (404, unreachable); 5 digest mismatch; 6 stalled; 7 local storage (disk full, quota).
 //!
@@ -23,7 +29,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use proto::Sha256Digest;
-use proto::api::{ApiError, DownloadRequest, ErrorKind, TASK_ID_HEADER, TaskStatus};
+use proto::api::{
+    ApiError, CONTENT_LENGTH_HEADER, DownloadRequest, ErrorKind, FileProgress, TASK_ID_HEADER,
+    TaskStatus,
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -175,14 +184,7 @@ impl Output {
                 writer: Box::new(std::io::stdout().lock()),
             }),
             Some(p) => {
-                let name = p.file_name().ok_or_else(|| {
-                    Failure::new(2, format!("{} is not a file path", p.display()))
-                })?;
-                let temp = p.with_file_name(format!(
-                    ".{}.dfget-{}",
-                    name.to_string_lossy(),
-                    std::process::id()
-                ));
+                let temp = temp_name(p)?;
                 let f = std::fs::File::create(&temp)
                     .map_err(|e| Failure::new(7, format!("creating {}: {e}", temp.display())))?;
                 Ok(Self {
@@ -210,6 +212,173 @@ impl Drop for Output {
     fn drop(&mut self) {
         if let Some(temp) = &self.temp {
             let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Sends `body` to the daemon's `path` on a new connection.
+async fn post(
+    sock: &Path,
+    path: &str,
+    body: Bytes,
+) -> Result<hyper::Response<hyper::body::Incoming>, Failure> {
+    let mut sender = connect(sock).await?;
+    sender
+        .send_request(request("POST", path, body)?)
+        .await
+        .map_err(|e| {
+            Failure::new(
+                3,
+                format!("daemon at {} failed the request: {e}", sock.display()),
+            )
+        })
+}
+
+fn header<'a, B>(resp: &'a hyper::Response<B>, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The error a non-2xx answer of the daemon stands for.
+async fn error_of(resp: hyper::Response<hyper::body::Incoming>) -> Failure {
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    match serde_json::from_slice::<ApiError>(&body) {
+        Ok(e) => Failure::from_api(&e),
+        Err(_) => Failure::new(1, format!("daemon answered {status}")),
+    }
+}
+
+enum Placed {
+    Done,
+    Unavailable,
+}
+
+/// Has the daemon download into its store and puts the verified data file at `target`
+/// by a hard link (no copy at all) or, across filesystems, a kernel-side copy. The bytes
+/// never cross the socket. The link shares the daemon's inode: the daemon never rewrites
+/// a file that has other names (it starts such a task over in a new file instead).
+async fn fetch_to_file(
+    sock: &Path,
+    body: Bytes,
+    target: &Path,
+    show_progress: bool,
+) -> Result<Placed, Failure> {
+    let resp = post(sock, "/v1/download/file", body).await?;
+    if resp.status() == hyper::StatusCode::NOT_FOUND {
+        return Ok(Placed::Unavailable);
+    }
+    if !resp.status().is_success() {
+        return Err(error_of(resp).await);
+    }
+    let task_id = header(&resp, TASK_ID_HEADER).unwrap_or("").to_string();
+    let total: u64 = header(&resp, CONTENT_LENGTH_HEADER)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bar = show_progress.then(|| progress_bar(total));
+    let mut body = resp.into_body();
+    let mut pending = Vec::new();
+    loop {
+        let Some(frame) = body.frame().await else {
+            return Err(explain(sock, &task_id, "daemon ended the answer early".into()).await);
+        };
+        let frame = frame.map_err(|e| Failure::new(1, format!("download interrupted: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let msg: FileProgress = serde_json::from_slice(&line)
+                .map_err(|e| Failure::new(1, format!("bad answer from the daemon: {e}")))?;
+            match msg {
+                FileProgress::Ready { bytes } => {
+                    if let Some(b) = &bar {
+                        b.set_position(bytes);
+                    }
+                }
+                FileProgress::Failed(e) => return Err(Failure::from_api(&e)),
+                FileProgress::Done { path, length } => {
+                    if let Some(b) = &bar {
+                        b.finish_and_clear();
+                    }
+                    // The daemon holds the file until this connection closes, i.e.
+                    // until `body` is dropped after placing it.
+                    let placed = place(&path, target, length)?;
+                    drop(body);
+                    return Ok(placed);
+                }
+            }
+        }
+        if pending.len() > 64 << 10 {
+            return Err(Failure::new(1, "bad answer from the daemon: line too long"));
+        }
+    }
+}
+
+/// Puts `src` (`length` bytes) at `target` through a temporary name next to it.
+fn place(src: &Path, target: &Path, length: u64) -> Result<Placed, Failure> {
+    let temp = temp_name(target)?;
+    let _ = std::fs::remove_file(&temp);
+    let mut guard = RemoveOnDrop(Some(temp.clone()));
+    if std::fs::hard_link(src, &temp).is_err() {
+        let Ok(from) = std::fs::File::open(src) else {
+            return Ok(Placed::Unavailable);
+        };
+        let mut to = std::fs::File::create(&temp)
+            .map_err(|e| Failure::new(7, format!("creating {}: {e}", temp.display())))?;
+        // File to file: std uses copy_file_range, so the copy stays in the kernel.
+        std::io::copy(&mut std::io::Read::take(&from, length), &mut to)
+            .map_err(|e| Failure::new(7, format!("writing {}: {e}", temp.display())))?;
+    }
+    let got = std::fs::metadata(&temp)
+        .map_err(|e| Failure::new(7, format!("reading {}: {e}", temp.display())))?
+        .len();
+    if got != length {
+        return Err(Failure::new(
+            1,
+            format!("the daemon's file has {got} bytes, expected {length}"),
+        ));
+    }
+    std::fs::rename(&temp, target)
+        .map_err(|e| Failure::new(7, format!("renaming to {}: {e}", target.display())))?;
+    guard.0 = None;
+    Ok(Placed::Done)
+}
+
+/// The temporary name next to `target` that output is written under until complete.
+fn temp_name(target: &Path) -> Result<PathBuf, Failure> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| Failure::new(2, format!("{} is not a file path", target.display())))?;
+    Ok(target.with_file_name(format!(
+        ".{}.dfget-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -253,53 +422,27 @@ async fn run(args: Args) -> Result<(), Failure> {
         content_addressed: false,
     };
     let body = serde_json::to_vec(&req).map_err(|e| Failure::new(1, e.to_string()))?;
+    let show_progress = !args.no_progress && std::io::stderr().is_terminal();
 
-    let mut sender = connect(&sock).await?;
-    let resp = sender
-        .send_request(request("POST", "/v1/download", body.into())?)
-        .await
-        .map_err(|e| {
-            Failure::new(
-                3,
-                format!("daemon at {} failed the request: {e}", sock.display()),
-            )
-        })?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        return Err(match serde_json::from_slice::<ApiError>(&body) {
-            Ok(e) => Failure::from_api(&e),
-            Err(_) => Failure::new(1, format!("daemon answered {status}")),
-        });
+    if let Some(target) = args.output.as_deref().filter(|p| *p != Path::new("-")) {
+        match fetch_to_file(&sock, body.clone().into(), target, show_progress).await? {
+            Placed::Done => return Ok(()),
+            // The daemon's file is not reachable from here (another user, an older
+            // daemon): have the bytes streamed instead.
+            Placed::Unavailable => {}
+        }
     }
-    let task_id = resp
-        .headers()
-        .get(TASK_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let total: Option<u64> = resp
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+
+    let resp = post(&sock, "/v1/download", body.into()).await?;
+    if !resp.status().is_success() {
+        return Err(error_of(resp).await);
+    }
+    let task_id = header(&resp, TASK_ID_HEADER).unwrap_or("").to_string();
+    let total: Option<u64> =
+        header(&resp, hyper::header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
 
     let mut out = Output::open(args.output.as_deref())?;
-    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
+    let bar = show_progress.then(|| progress_bar(total.unwrap_or(0)));
     // Hash only when there is something to check: the daemon already verified every piece.
     let mut hasher = digest.map(|_| Sha256::new());
     let mut received = 0u64;

@@ -5,6 +5,12 @@
 //! task's layout is known and the first piece is verified, so most failures (origin 404,
 //! unreachable origin) arrive as a status, not as a broken stream. If a stream breaks,
 //! `GET /v1/tasks/{id}` (id from the [`TASK_ID_HEADER`]) says why.
+//!
+//! `POST /v1/download/file` takes the same request for a caller that wants the content in
+//! a file on this host: the answer is JSON lines of [`FileProgress`], ending with the path
+//! of the verified data file in the daemon's store. The caller hard-links it into place
+//! (or copies it in the kernel), so the bytes are written to disk once, not streamed
+//! through a socket and written again.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +33,26 @@ pub struct DownloadRequest {
     /// through any registry, mirror or redirect are one task.
     #[serde(default)]
     pub content_addressed: bool,
+}
+
+/// Response header of `POST /v1/download/file`: the content length, known before the
+/// first progress line.
+pub const CONTENT_LENGTH_HEADER: &str = "x-dfp2p-content-length";
+
+/// One line of the `POST /v1/download/file` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileProgress {
+    /// Bytes of the content stored and verified piece by piece so far.
+    Ready { bytes: u64 },
+    /// The whole content is stored at `path` and verified (against the request's digest,
+    /// when it had one). The last line of a successful answer.
+    Done {
+        path: std::path::PathBuf,
+        length: u64,
+    },
+    /// The download failed; the last line of a failed answer.
+    Failed(ApiError),
 }
 
 /// What went wrong, in terms a user can act on. `dfget` prints `message` and picks its

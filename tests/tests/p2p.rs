@@ -182,8 +182,14 @@ fn corrupt_piece_on_disk_is_never_served() {
         .unwrap()
         .to_string();
     let sent_before = origin.bytes_sent();
+    assert_eq!(
+        nlink(&root.path().join("a")),
+        2,
+        "output linked to the store"
+    );
 
-    // Flip one byte in piece 2 of d0's data file, under the running daemon.
+    // Flip one byte in piece 2 of d0's data file, under the running daemon (and so in
+    // the output `a` that shares it).
     let path = daemons[0].data_file(&task);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = 2 * 4 * MIB + 12345;
@@ -223,6 +229,8 @@ fn corrupt_piece_on_disk_is_never_served() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(file_sha256(&root.path().join("a2")).unwrap(), want);
+    // The repair went to the store's own copy, not into the caller's file `a`.
+    assert_eq!(std::fs::read(root.path().join("a")).unwrap()[at], bytes[at]);
 }
 
 #[test]
@@ -328,6 +336,36 @@ fn embedded_supernode_default_serves_a_file() {
     .unwrap();
     assert!(out.status.success());
     assert_eq!(origin.bytes_sent(), before);
+    // -O on the daemon's filesystem is a hard link to the verified store file: the
+    // bytes were written once.
+    assert_eq!(
+        nlink(&root.path().join("o")),
+        3,
+        "o, o2 and the store's name"
+    );
+    // On another filesystem (tmpfs) the file is copied; stdout is streamed.
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let same = ["--digest", want.as_str()];
+    let out = tests::dfget_cmd(&sock, &origin.url("f"), &shm.path().join("o3"), &same)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(file_sha256(&shm.path().join("o3")).unwrap(), want);
+    assert_eq!(nlink(&shm.path().join("o3")), 1);
+    let out = tests::dfget_cmd(&sock, &origin.url("f"), Path::new("-"), &same)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(sha256_hex(&out.stdout), want);
+    assert_eq!(origin.bytes_sent(), before);
+}
+
+fn nlink(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(p).unwrap())
 }
 
 #[test]
