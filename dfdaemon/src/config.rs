@@ -20,6 +20,9 @@ pub const DEFAULT_API_SOCK: &str = "/run/dfp2p/dfdaemon.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/dfp2p/dfdaemon";
 /// Disk the piece store may use before evicting least-recently-used content.
 pub const DEFAULT_QUOTA: u64 = 20 << 30;
+/// Pieces kept in memory after they are written: enough for the relay window of a few
+/// dozen pieces in flight through this host.
+pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
 /// Concurrent uploads to other daemons; more requests get `Busy` and go elsewhere. Few
 /// slots make each transfer fast, so a new piece is relayed on sooner and spreads as a
 /// tree (swarm bench, 8 hosts: 16 slots 1.21 x the bound, 4 slots 1.11 x, 2 slots 1.09 x).
@@ -40,6 +43,8 @@ pub struct FileConfig {
     pub ca_key: Option<PathBuf>,
     /// e.g. "20GiB", "500MB", or a byte count.
     pub quota: Option<String>,
+    /// e.g. "64MiB"; "0" keeps no pieces in memory.
+    pub memory_cache: Option<String>,
     pub upload_slots: Option<u32>,
     pub concurrent_pieces: Option<usize>,
     pub stall_timeout_secs: Option<u64>,
@@ -92,6 +97,7 @@ pub struct DaemonConfig {
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub quota: u64,
+    pub memory_cache: u64,
     pub upload_slots: u32,
     pub engine: EngineConfig,
     pub mirror: crate::mirror::MirrorConfig,
@@ -145,6 +151,7 @@ pub struct Overrides {
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
     pub quota: Option<String>,
+    pub memory_cache: Option<String>,
     pub upload_slots: Option<u32>,
     pub proxy_listen: Option<SocketAddr>,
     pub default_registry: Option<String>,
@@ -198,6 +205,13 @@ impl DaemonConfig {
                 DEFAULT_QUOTA
             }),
             None => DEFAULT_QUOTA,
+        };
+        let memory_cache = match flags.memory_cache.or(file.memory_cache) {
+            Some(q) => parse_size(&q).unwrap_or_else(|e| {
+                errors.push(e);
+                DEFAULT_MEMORY_CACHE
+            }),
+            None => DEFAULT_MEMORY_CACHE,
         };
         let upload_slots = flags
             .upload_slots
@@ -282,6 +296,7 @@ impl DaemonConfig {
                 .unwrap_or_else(|| data_dir.join("ca-key.pem")),
             data_dir,
             quota,
+            memory_cache,
             upload_slots,
             engine,
         };

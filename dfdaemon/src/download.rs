@@ -995,7 +995,7 @@ impl Engine {
     ) -> Event {
         let bytes = data.len() as u64;
         let store = self.store.clone();
-        let written = Self::blocking(move || store.write_piece(&id, piece, &data, digest))
+        let written = Self::blocking(move || store.write_piece(&id, piece, data, digest))
             .await
             .and_then(|r| r.map_err(|e| store_api_error(&e)));
         match written {

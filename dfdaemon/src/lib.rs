@@ -181,7 +181,8 @@ impl Daemon {
             .advertise_addr
             .unwrap_or_else(|| advertise(bound, supernode_addr));
 
-        let store = store::Store::open(&cfg.data_dir.join("store"), cfg.quota)?;
+        let memory = usize::try_from(cfg.memory_cache).unwrap_or(usize::MAX);
+        let store = store::Store::open_with_memory(&cfg.data_dir.join("store"), cfg.quota, memory)?;
         let info = HostInfo {
             host: cfg.host_id.clone(),
             session: control::new_session(),

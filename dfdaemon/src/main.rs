@@ -48,6 +48,10 @@ struct Args {
     /// Disk quota of the piece store, e.g. 20GiB [default: 20GiB]
     #[arg(long)]
     quota: Option<String>,
+    /// Memory for the pieces written last, served to peers without a disk read or a
+    /// re-hash; 0 turns it off [default: 64MiB]
+    #[arg(long)]
+    memory_cache: Option<String>,
     /// Concurrent piece uploads to other daemons [default: 4]
     #[arg(long)]
     upload_slots: Option<u32>,
@@ -96,6 +100,13 @@ enum Command {
     },
 }
 
+// Piece buffers are MiB-sized and short-lived, the memory cache holds them a few seconds
+// longer: glibc hands such freed memory back to the kernel, and every new buffer then
+// pays page faults and zeroing (7% of all CPU in a 16-host swarm profile). jemalloc keeps
+// freed pages for reuse for a while.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -139,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
         ca_cert: args.ca_cert,
         ca_key: args.ca_key,
         quota: args.quota,
+        memory_cache: args.memory_cache,
         upload_slots: args.upload_slots,
         proxy_listen: args.proxy_listen,
         default_registry: args.default_registry,

@@ -1,6 +1,7 @@
 //! Daemon-to-daemon piece transfer over QUIC.
 //!
-//! Server: every piece is read from the store *and verified* before a byte goes out; a
+//! Server: every piece is read from the store *and verified* before a byte goes out (or
+//! comes from the store's memory of pieces verified since they arrived); a
 //! bounded number of uploads run at once (upload slots) and a request beyond that gets an
 //! immediate `Busy`, so the requester moves to another parent instead of queueing.
 //!
@@ -101,9 +102,12 @@ async fn serve_stream(
         send.finish()?;
         return Ok(());
     };
-    let read = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.read_piece(&req.task, req.piece)).await
+    let read = match store.recent_piece(&req.task, req.piece) {
+        Some(hit) => Ok(Ok(hit)),
+        None => {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.read_piece(&req.task, req.piece)).await
+        }
     };
     let resp = match read {
         Ok(Ok((data, digest))) => Ok((data, digest)),

@@ -35,7 +35,12 @@ async fn requester_rejects_bytes_that_do_not_match_the_record() {
         )
         .unwrap();
     store
-        .write_piece(&task, PieceIndex(0), &garbage, Sha256Digest::of(&garbage))
+        .write_piece(
+            &task,
+            PieceIndex(0),
+            garbage.clone().into(),
+            Sha256Digest::of(&garbage),
+        )
         .unwrap();
 
     let server_id = ca.issue(&[proto::PEER_SERVER_NAME]).unwrap();

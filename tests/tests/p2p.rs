@@ -21,9 +21,13 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 fn cluster(root: &Path, n: usize) -> (SupernodeProc, Vec<DaemonProc>) {
+    cluster_with(root, n, &[])
+}
+
+fn cluster_with(root: &Path, n: usize, args: &[&str]) -> (SupernodeProc, Vec<DaemonProc>) {
     let sn = SupernodeProc::start(&root.join("supernode")).expect("supernode");
     let daemons = (0..n)
-        .map(|i| DaemonProc::start(&sn, root, &format!("d{i}"), &[]).expect("daemon"))
+        .map(|i| DaemonProc::start(&sn, root, &format!("d{i}"), args).expect("daemon"))
         .collect();
     (sn, daemons)
 }
@@ -170,7 +174,8 @@ fn corrupt_piece_on_disk_is_never_served() {
     let want = sha256_hex(&data);
     let origin = Origin::start(HashMap::from([("f".to_string(), data)]), true).unwrap();
     let url = origin.url("f");
-    let (_sn, daemons) = cluster(root.path(), 2);
+    // Nothing in memory: every upload is read back from disk (where the flip will be).
+    let (_sn, daemons) = cluster_with(root.path(), 2, &["--memory-cache", "0"]);
     let out = daemons[0].dfget(&url, &root.path().join("a"), &[]);
     assert!(
         out.status.success(),
