@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use proto::Sha256Digest;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, HeaderName, HeaderValue, RANGE};
@@ -161,7 +161,7 @@ impl Origin {
                 url: url.to_string(),
             });
         }
-        let mut buf = BytesMut::with_capacity(len as usize);
+        let mut buf = crate::store::piece_buffer(len as usize);
         let mut hasher = Sha256::new();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use proto::piece::{PieceRequest, PieceResponse};
 use proto::{PieceIndex, Sha256Digest, TaskId};
 use sha2::{Digest, Sha256};
@@ -228,7 +228,7 @@ impl PeerClient {
             }
             // Take quinn's chunks as they arrive and hash them while they are still in
             // cache: one copy into the piece buffer, no second pass over memory.
-            let mut buf = BytesMut::with_capacity(len as usize);
+            let mut buf = crate::store::piece_buffer(len as usize);
             let mut hasher = Sha256::new();
             while buf.len() < len as usize {
                 let chunk = recv
