@@ -183,9 +183,9 @@ pub fn piece_buffer(len: usize) -> BytesMut {
 }
 
 fn direct_io_fits(data: &[u8], offset: u64) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0
-        && data.len() % DIRECT_ALIGN == 0
-        && (data.as_ptr() as usize) % DIRECT_ALIGN == 0
+    offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && data.len().is_multiple_of(DIRECT_ALIGN)
+        && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
 }
 
 fn now_secs() -> u64 {
