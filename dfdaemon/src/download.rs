@@ -599,6 +599,16 @@ impl Engine {
         });
         tracing::debug!(task = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "layout known");
         let count = layout.piece_count();
+        // The whole-content digest is computed as the pieces land, in order, mostly from
+        // memory; at the end only the tail is left to hash, instead of the whole file.
+        let mut in_order = digest.is_some().then(|| {
+            AbortOnDrop(tokio::spawn(hash_in_order(
+                self.store.clone(),
+                id,
+                count,
+                h.subscribe(),
+            )))
+        });
 
         // Announcer: batches landed pieces to the supernode off the driver's path.
         let (ann_tx, ann_rx) = mpsc::channel::<(AnnounceSource, PieceRecord)>(count as usize + 1);
@@ -852,8 +862,12 @@ impl Engine {
         // Let the announcer send what is queued; it ends when the channel is drained.
         drop(ann_tx);
         let _ = tokio::time::timeout(crate::control::CALL_TIMEOUT, &mut announcer.0).await;
+        let hashed = match in_order.as_mut() {
+            Some(t) => (&mut t.0).await.ok().flatten(),
+            None => None,
+        };
         let store = self.store.clone();
-        let ok = Self::blocking(move || store.verify_complete(&id, digest))
+        let ok = Self::blocking(move || store.verify_complete_with(&id, digest, hashed))
             .await?
             .map_err(|e| store_api_error(&e))?;
         if !ok {
@@ -1272,8 +1286,41 @@ impl Engine {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
+/// The sha256 of a task's content, hashed piece by piece in order as each is stored
+/// (read back through the store's verification, from memory while the piece is recent).
+/// `None` if a piece could not be read; the caller then hashes the file.
+async fn hash_in_order(
+    store: Arc<Store>,
+    id: TaskId,
+    count: u32,
+    mut progress: watch::Receiver<Progress>,
+) -> Option<Sha256Digest> {
+    let mut hasher = Sha256::new();
+    for i in 0..count {
+        let piece = PieceIndex(i);
+        while !progress.borrow_and_update().stored.contains(piece) {
+            progress.changed().await.ok()?;
+        }
+        let store = store.clone();
+        let (h, ok) = tokio::task::spawn_blocking(move || match store.read_piece(&id, piece) {
+            Ok((bytes, _)) => {
+                hasher.update(&bytes);
+                (hasher, true)
+            }
+            Err(_) => (hasher, false),
+        })
+        .await
+        .ok()?;
+        if !ok {
+            return None;
+        }
+        hasher = h;
+    }
+    Some(Sha256Digest::from(hasher.finalize()))
+}
+
+struct AbortOnDrop<T = ()>(tokio::task::JoinHandle<T>);
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -712,6 +712,17 @@ impl Store {
         task: &TaskId,
         expected: Option<Sha256Digest>,
     ) -> Result<bool, StoreError> {
+        self.verify_complete_with(task, expected, None)
+    }
+
+    /// As [`Store::verify_complete`], with the content's digest already computed from
+    /// the verified pieces in order (`hashed`), so the file need not be read again.
+    pub fn verify_complete_with(
+        &self,
+        task: &TaskId,
+        expected: Option<Sha256Digest>,
+        hashed: Option<Sha256Digest>,
+    ) -> Result<bool, StoreError> {
         let (file, len) = {
             let entries = self.lock();
             let e = entries.get(task).ok_or(StoreError::UnknownTask(*task))?;
@@ -725,20 +736,11 @@ impl Store {
             )
         };
         if let Some(expected) = expected {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut off = 0u64;
-            while off < len {
-                let n = (len - off).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], off)
-                    .map_err(|source| StoreError::Io {
-                        path: self.data_path(task),
-                        source,
-                    })?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-            if Sha256Digest::from(h.finalize()) != expected {
+            let actual = match hashed {
+                Some(d) => d,
+                None => self.hash_file(task, &file, len)?,
+            };
+            if actual != expected {
                 let count = self.lock().get(task).map_or(0, |e| e.stored.len());
                 for p in 0..count {
                     self.drop_piece(task, PieceIndex(p));
@@ -754,6 +756,25 @@ impl Store {
             self.put_meta(task, &meta)?;
         }
         Ok(true)
+    }
+
+    fn hash_file(&self, task: &TaskId, file: &File, len: u64) -> Result<Sha256Digest, StoreError> {
+        {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < len {
+                let n = (len - off).min(buf.len() as u64) as usize;
+                file.read_exact_at(&mut buf[..n], off)
+                    .map_err(|source| StoreError::Io {
+                        path: self.data_path(task),
+                        source,
+                    })?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            Ok(Sha256Digest::from(h.finalize()))
+        }
     }
 
     /// Forgets a task whose content can't be trusted (e.g. it failed its digest).
