@@ -1341,10 +1341,12 @@ async fn announce_loop(
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
+        let t0 = Instant::now();
         if let Err(e) = store.sync().await {
             tracing::error!(%task, error = %e, "syncing the piece store failed; not announcing");
             continue;
         }
+        let synced = t0.elapsed();
         for source in [AnnounceSource::Origin, AnnounceSource::Peer] {
             let pieces: Vec<PieceRecord> = batch
                 .iter()
@@ -1366,5 +1368,13 @@ async fn announce_loop(
                 tracing::debug!(%task, error = %e, "announce failed; pieces are re-announced on re-registration");
             }
         }
+        tracing::debug!(
+            target: "dfp2p::announce",
+            %task,
+            pieces = batch.len(),
+            sync_ms = synced.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "announced"
+        );
     }
 }
