@@ -308,26 +308,30 @@ impl FileStream {
                         continue;
                     }
                     // Pieces that were on disk before this download were never checked in
-                    // memory; the caller gets the file without a read through us, so
-                    // check them now (a torn or rotted piece is dropped and refetched).
-                    if self.h.pieces_at_start() > 0 {
-                        match self.verify(layout).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                if let Err(e) = self.restart() {
-                                    return (FileProgress::Failed(e), true);
-                                }
-                                continue;
+                    // memory, and a file handed out before may have been written through
+                    // its other name: the caller gets the file without a read through us,
+                    // so check it on disk now (a bad piece is dropped and refetched).
+                    let must_check = self.h.pieces_at_start() > 0;
+                    let (store, id) = (self.engine.store.clone(), self.h.id);
+                    let ready =
+                        tokio::task::spawn_blocking(move || store.prepare_handout(&id, must_check))
+                            .await;
+                    match ready {
+                        Ok(Ok(true)) => {}
+                        Ok(Ok(false)) => {
+                            drop(lease);
+                            if let Err(e) = self.restart() {
+                                return (FileProgress::Failed(e), true);
                             }
-                            Err(e) => {
-                                return (
-                                    FileProgress::Failed(api_error(
-                                        ErrorKind::Storage,
-                                        e.to_string(),
-                                    )),
-                                    true,
-                                );
-                            }
+                            continue;
+                        }
+                        Ok(Err(e)) => {
+                            let e = api_error(ErrorKind::Storage, e.to_string());
+                            return (FileProgress::Failed(e), true);
+                        }
+                        Err(e) => {
+                            let e = api_error(ErrorKind::Internal, e.to_string());
+                            return (FileProgress::Failed(e), true);
                         }
                     }
                     let done = FileProgress::Done {
@@ -349,21 +353,6 @@ impl FileStream {
                 }
             }
         }
-    }
-
-    /// Reads every piece through the store's verification; false if any was bad (and
-    /// dropped, so a restart refetches it).
-    async fn verify(&self, layout: proto::PieceLayout) -> Result<bool, StoreError> {
-        let mut intact = true;
-        for piece in layout.pieces() {
-            match self.engine.read_piece(&self.h, piece).await {
-                Ok(_) => {}
-                Err(StoreError::Corrupt { .. } | StoreError::Missing { .. }) => intact = false,
-                Err(StoreError::UnknownTask(_)) => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(intact)
     }
 
     fn restart(&mut self) -> Result<(), ApiError> {

@@ -862,8 +862,19 @@ impl Engine {
         // Let the announcer send what is queued; it ends when the channel is drained.
         drop(ann_tx);
         let _ = tokio::time::timeout(crate::control::CALL_TIMEOUT, &mut announcer.0).await;
+        // The hasher waits for pieces in order; one dropped after the loop (a local reader
+        // found it bad) would never come, so it is given up once the store lacks a piece.
         let hashed = match in_order.as_mut() {
-            Some(t) => (&mut t.0).await.ok().flatten(),
+            Some(t) => loop {
+                tokio::select! {
+                    r = &mut t.0 => break r.ok().flatten(),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        if !self.store.stored(&id).unwrap_or_default().is_full() {
+                            break None;
+                        }
+                    }
+                }
+            },
             None => None,
         };
         let store = self.store.clone();

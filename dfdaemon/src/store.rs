@@ -80,6 +80,9 @@ struct Entry {
     file: Option<Arc<File>>,
     /// The same file opened for direct I/O, where the filesystem allows it.
     direct: Option<Arc<File>>,
+    /// The file was handed out for linking since the store opened: whoever got it may
+    /// have written to it, so later hand-outs check it on disk first.
+    handed_out: bool,
     /// Readers and downloads using the task; a task in use is never evicted.
     users: u32,
 }
@@ -94,6 +97,7 @@ pub struct Store {
     db: sled::Db,
     entries: Mutex<HashMap<TaskId, Entry>>,
     recent: Mutex<RecentPieces>,
+    unsharing: Mutex<()>,
 }
 
 /// The last pieces written, verified in memory, oldest dropped first once over budget.
@@ -257,6 +261,7 @@ impl Store {
             db,
             entries: Mutex::new(HashMap::new()),
             recent: Mutex::new(RecentPieces::new(memory)),
+            unsharing: Mutex::new(()),
         };
         store.load()?;
         Ok(Arc::new(store))
@@ -320,6 +325,7 @@ impl Store {
                     direct: file
                         .as_ref()
                         .and_then(|_| open_direct(&self.data_path(&id))),
+                    handed_out: false,
                     file,
                     users: 0,
                 },
@@ -362,6 +368,7 @@ impl Store {
             digests: Vec::new(),
             file: None,
             direct: None,
+            handed_out: false,
             users: 0,
         });
         e.users += 1;
@@ -535,6 +542,36 @@ impl Store {
         self.data_path(task)
     }
 
+    /// Gets a complete task's data file ready to be handed out for linking: a file that
+    /// another caller already holds (and may have written to) is replaced by a private
+    /// copy, and every piece is then checked on disk, not in memory. False if a piece was
+    /// bad (it is dropped; fetch it again). Blocking.
+    pub fn prepare_handout(&self, task: &TaskId, must_check: bool) -> Result<bool, StoreError> {
+        let linked = self.data_is_linked(task);
+        let must_check = must_check || self.lock().get(task).is_some_and(|e| e.handed_out);
+        if linked {
+            self.unshare(task).map_err(|source| StoreError::Io {
+                path: self.data_path(task),
+                source,
+            })?;
+        }
+        let mut intact = true;
+        if linked || must_check {
+            let count = self.lock().get(task).map_or(0, |e| e.stored.len());
+            for p in 0..count {
+                match self.read_from_disk(task, PieceIndex(p)) {
+                    Ok(_) => {}
+                    Err(StoreError::Corrupt { .. } | StoreError::Missing { .. }) => intact = false,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if intact && let Some(e) = self.lock().get_mut(task) {
+            e.handed_out = true;
+        }
+        Ok(intact)
+    }
+
     /// The data file has names outside the store (a caller hard-linked it).
     fn data_is_linked(&self, task: &TaskId) -> bool {
         let file = self.lock().get(task).and_then(|e| e.file.clone());
@@ -544,7 +581,13 @@ impl Store {
 
     /// Replaces the task's data file with a private copy of it (same bytes, new inode),
     /// so later writes don't reach the other names of the old one.
-    fn unshare(&self, task: &TaskId) -> std::io::Result<()> {
+    /// Does nothing if the file has no other names.
+    pub fn unshare(&self, task: &TaskId) -> std::io::Result<()> {
+        // One at a time: two copies racing would share one temporary file.
+        let _one = self.unsharing.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.data_is_linked(task) {
+            return Ok(());
+        }
         let path = self.data_path(task);
         let temp = path.with_extension("unshare");
         let copied = (|| {
@@ -634,8 +677,16 @@ impl Store {
                 *slot = Some(digest);
             }
         }
+        // Only while the piece still belongs to this file: a concurrent new layout or
+        // removal has cleared the memory copy, and must not get stale bytes back.
+        if entries
+            .get(task)
+            .and_then(|e| e.file.as_ref())
+            .is_some_and(|f| Arc::ptr_eq(f, &file))
+        {
+            self.recent_pieces().insert(*task, piece, data, digest);
+        }
         drop(entries);
-        self.recent_pieces().insert(*task, piece, data, digest);
         Ok(())
     }
 
@@ -667,15 +718,28 @@ impl Store {
         if let Some(hit) = self.recent_piece(task, piece) {
             return Ok(hit);
         }
+        self.read_from_disk(task, piece)
+    }
+
+    /// [`Store::read_piece`] without the memory copy: the bytes as they are on disk.
+    fn read_from_disk(
+        &self,
+        task: &TaskId,
+        piece: PieceIndex,
+    ) -> Result<(Bytes, Sha256Digest), StoreError> {
         let (file, offset, len, digest) = self.file_and_range(task, piece)?;
         let digest = digest.ok_or(StoreError::Missing { task: *task, piece })?;
         let mut buf = BytesMut::zeroed(len as usize);
-        file.read_exact_at(&mut buf, offset)
-            .map_err(|source| StoreError::Io {
+        let read = file.read_exact_at(&mut buf, offset);
+        // A file cut short (e.g. rewritten through a hard link) is as bad as a flipped bit.
+        let short = matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof);
+        if !short {
+            read.map_err(|source| StoreError::Io {
                 path: self.data_path(task),
                 source,
             })?;
-        if Sha256Digest::from(Sha256::digest(&buf)) != digest {
+        }
+        if short || Sha256Digest::from(Sha256::digest(&buf)) != digest {
             tracing::error!(%task, %piece, "stored piece failed verification; dropping it");
             self.drop_piece(task, piece);
             return Err(StoreError::Corrupt { task: *task, piece });
@@ -685,14 +749,11 @@ impl Store {
 
     pub fn drop_piece(&self, task: &TaskId, piece: PieceIndex) {
         self.recent_pieces().forget(task, Some(piece));
-        if self.data_is_linked(task) {
-            // Refetching the piece would write into a file a caller holds as its output:
-            // move to a private copy first and leave theirs as it is.
-            if let Err(e) = self.unshare(task) {
-                tracing::warn!(%task, %piece, error = %e, "could not copy a linked data file; discarding the task");
-                self.remove_task(task);
-                return;
-            }
+        // Refetching the piece would write into a file a caller holds as its output: move
+        // to a private copy first and leave theirs as it is. Should that fail (disk full),
+        // the refetched piece is written into the shared file: verified bytes, no worse.
+        if let Err(e) = self.unshare(task) {
+            tracing::warn!(%task, %piece, error = %e, "could not copy a linked data file");
         }
         let _ = self.pieces.remove(piece_key(task, piece));
         let mut entries = self.lock();

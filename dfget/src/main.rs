@@ -358,6 +358,9 @@ fn place(src: &Path, target: &Path, length: u64) -> Result<Placed, Failure> {
     std::fs::rename(&temp, target)
         .map_err(|e| Failure::new(7, format!("renaming to {}: {e}", target.display())))?;
     guard.0 = None;
+    // A rename onto another name of the same file (FILE was linked by an earlier run)
+    // succeeds without removing the temporary name.
+    let _ = std::fs::remove_file(&temp);
     Ok(Placed::Done)
 }
 

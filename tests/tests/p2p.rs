@@ -329,6 +329,13 @@ fn embedded_supernode_default_serves_a_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(file_sha256(&root.path().join("o")).unwrap(), want);
+    // -O on the daemon's filesystem is a hard link to the verified store file: the
+    // bytes were written once.
+    assert_eq!(nlink(&root.path().join("o")), 2, "o and the store's name");
+    // The caller writes into its file in place, through the shared inode.
+    let mut scribbled = std::fs::read(root.path().join("o")).unwrap();
+    scribbled[MIB + 3] ^= 0xff;
+    std::fs::write(root.path().join("o"), &scribbled).unwrap();
     // Second fetch is a cache hit: the origin sees no more body bytes.
     let before = origin.bytes_sent();
     let out = tests::dfget_cmd(
@@ -339,15 +346,23 @@ fn embedded_supernode_default_serves_a_file() {
     )
     .output()
     .unwrap();
-    assert!(out.status.success());
-    assert_eq!(origin.bytes_sent(), before);
-    // -O on the daemon's filesystem is a hard link to the verified store file: the
-    // bytes were written once.
-    assert_eq!(
-        nlink(&root.path().join("o")),
-        3,
-        "o, o2 and the store's name"
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    // The second caller gets the right bytes (the scribbled piece was caught on disk and
+    // refetched, 1 MiB from the origin) in a file of its own; the first keeps its edit.
+    assert_eq!(file_sha256(&root.path().join("o2")).unwrap(), want);
+    assert_eq!(std::fs::read(root.path().join("o")).unwrap(), scribbled);
+    assert_eq!(nlink(&root.path().join("o")), 1, "o left the store");
+    assert_eq!(nlink(&root.path().join("o2")), 2, "o2 and the store's name");
+    let refetched = origin.bytes_sent() - before;
+    assert!(
+        refetched <= 2 * MIB as u64,
+        "only the bad piece again: {refetched}"
+    );
+    let before = origin.bytes_sent();
     // On another filesystem (tmpfs) the file is copied; stdout is streamed.
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let same = ["--digest", want.as_str()];
