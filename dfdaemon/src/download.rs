@@ -604,9 +604,8 @@ impl Engine {
         let mut in_order = digest.is_some().then(|| {
             AbortOnDrop(tokio::spawn(hash_in_order(
                 self.store.clone(),
-                id,
+                h.clone(),
                 count,
-                h.subscribe(),
             )))
         });
 
@@ -1300,18 +1299,12 @@ impl Engine {
 /// The sha256 of a task's content, hashed piece by piece in order as each is stored
 /// (read back through the store's verification, from memory while the piece is recent).
 /// `None` if a piece could not be read; the caller then hashes the file.
-async fn hash_in_order(
-    store: Arc<Store>,
-    id: TaskId,
-    count: u32,
-    mut progress: watch::Receiver<Progress>,
-) -> Option<Sha256Digest> {
+async fn hash_in_order(store: Arc<Store>, h: Arc<TaskHandle>, count: u32) -> Option<Sha256Digest> {
+    let id = h.id;
     let mut hasher = Sha256::new();
     for i in 0..count {
         let piece = PieceIndex(i);
-        while !progress.borrow_and_update().stored.contains(piece) {
-            progress.changed().await.ok()?;
-        }
+        h.wait_piece(piece, false).await.ok()?;
         let store = store.clone();
         let (h, ok) = tokio::task::spawn_blocking(move || match store.read_piece(&id, piece) {
             Ok((bytes, _)) => {

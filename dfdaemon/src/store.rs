@@ -820,22 +820,20 @@ impl Store {
     }
 
     fn hash_file(&self, task: &TaskId, file: &File, len: u64) -> Result<Sha256Digest, StoreError> {
-        {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut off = 0u64;
-            while off < len {
-                let n = (len - off).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], off)
-                    .map_err(|source| StoreError::Io {
-                        path: self.data_path(task),
-                        source,
-                    })?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-            Ok(Sha256Digest::from(h.finalize()))
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], off)
+                .map_err(|source| StoreError::Io {
+                    path: self.data_path(task),
+                    source,
+                })?;
+            h.update(&buf[..n]);
+            off += n as u64;
         }
+        Ok(Sha256Digest::from(h.finalize()))
     }
 
     /// Forgets a task whose content can't be trusted (e.g. it failed its digest).

@@ -165,7 +165,8 @@ async fn explain(sock: &Path, id: &str, fallback: String) -> Failure {
 }
 
 struct Output {
-    temp: Option<PathBuf>,
+    /// Removed if the download does not finish.
+    temp: RemoveOnDrop,
     target: Option<PathBuf>,
     writer: Box<dyn Write>,
 }
@@ -174,12 +175,12 @@ impl Output {
     fn open(target: Option<&Path>) -> Result<Self, Failure> {
         match target {
             None => Ok(Self {
-                temp: None,
+                temp: RemoveOnDrop(None),
                 target: None,
                 writer: Box::new(std::io::stdout().lock()),
             }),
             Some(p) if p == Path::new("-") => Ok(Self {
-                temp: None,
+                temp: RemoveOnDrop(None),
                 target: None,
                 writer: Box::new(std::io::stdout().lock()),
             }),
@@ -188,7 +189,7 @@ impl Output {
                 let f = std::fs::File::create(&temp)
                     .map_err(|e| Failure::new(7, format!("creating {}: {e}", temp.display())))?;
                 Ok(Self {
-                    temp: Some(temp),
+                    temp: RemoveOnDrop(Some(temp)),
                     target: Some(p.to_path_buf()),
                     writer: Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
                 })
@@ -200,19 +201,11 @@ impl Output {
         self.writer
             .flush()
             .map_err(|e| Failure::new(7, format!("writing output: {e}")))?;
-        if let (Some(temp), Some(target)) = (self.temp.take(), self.target.take()) {
+        if let (Some(temp), Some(target)) = (self.temp.0.take(), self.target.take()) {
             std::fs::rename(&temp, &target)
                 .map_err(|e| Failure::new(7, format!("renaming to {}: {e}", target.display())))?;
         }
         Ok(())
-    }
-}
-
-impl Drop for Output {
-    fn drop(&mut self) {
-        if let Some(temp) = &self.temp {
-            let _ = std::fs::remove_file(temp);
-        }
     }
 }
 

@@ -404,6 +404,16 @@ pub fn parse_metric(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
+/// Fails the test with the command's stderr unless it exited 0.
+#[track_caller]
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn dfget_cmd(sock: &Path, url: &str, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(&bins().dfget);
     cmd.arg(url)

@@ -33,11 +33,7 @@ fn containerd_pulls_through_the_mirror_and_the_registry_sends_each_layer_once() 
             .arg(format!("http://{}", d.proxy_addr))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        tests::assert_success(&out);
         setups.push((d, ctd, hosts));
     }
 

@@ -145,11 +145,7 @@ fn killed_daemon_does_not_stop_the_others_and_resumes_after_restart() {
 
     daemons[4].restart().unwrap();
     let out = daemons[4].dfget(&url, &root.path().join("out4"), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_success(&out);
     assert_eq!(file_sha256(&root.path().join("out4")).unwrap(), want);
     let t = daemons[4].task().unwrap();
     let (total, at_start) = (
@@ -177,11 +173,7 @@ fn corrupt_piece_on_disk_is_never_served() {
     // Nothing in memory: every upload is read back from disk (where the flip will be).
     let (_sn, daemons) = cluster_with(root.path(), 2, &["--memory-cache", "0"]);
     let out = daemons[0].dfget(&url, &root.path().join("a"), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_success(&out);
     let task = daemons[0].task().unwrap()["task"]
         .as_str()
         .unwrap()
@@ -202,11 +194,7 @@ fn corrupt_piece_on_disk_is_never_served() {
     std::fs::write(&path, &bytes).unwrap();
 
     let out = daemons[1].dfget(&url, &root.path().join("b"), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_success(&out);
     assert_eq!(
         file_sha256(&root.path().join("b")).unwrap(),
         want,
@@ -228,11 +216,7 @@ fn corrupt_piece_on_disk_is_never_served() {
 
     // d0 itself repairs: its next read refetches the dropped piece.
     let out = daemons[0].dfget(&url, &root.path().join("a2"), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_success(&out);
     assert_eq!(file_sha256(&root.path().join("a2")).unwrap(), want);
     // The repair went to the store's own copy, not into the caller's file `a`.
     assert_eq!(std::fs::read(root.path().join("a")).unwrap()[at], bytes[at]);
@@ -323,11 +307,7 @@ fn embedded_supernode_default_serves_a_file() {
     )
     .output()
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_success(&out);
     assert_eq!(file_sha256(&root.path().join("o")).unwrap(), want);
     // -O on the daemon's filesystem is a hard link to the verified store file: the
     // bytes were written once.
@@ -346,11 +326,7 @@ fn embedded_supernode_default_serves_a_file() {
     )
     .output()
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_success(&out);
     // The second caller gets the right bytes (the scribbled piece was caught on disk and
     // refetched, 1 MiB from the origin) in a file of its own; the first keeps its edit.
     assert_eq!(file_sha256(&root.path().join("o2")).unwrap(), want);
@@ -369,11 +345,7 @@ fn embedded_supernode_default_serves_a_file() {
     let out = tests::dfget_cmd(&sock, &origin.url("f"), &shm.path().join("o3"), &same)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::assert_success(&out);
     assert_eq!(file_sha256(&shm.path().join("o3")).unwrap(), want);
     assert_eq!(nlink(&shm.path().join("o3")), 1);
     let out = tests::dfget_cmd(&sock, &origin.url("f"), Path::new("-"), &same)
