@@ -17,6 +17,8 @@
 #                 BENCH_MD=1|0  write the section of BENCHMARKS.md (default 1; 0 in --quick)
 #                 NO_INSTALL=1  never run apt-get
 #                 DAEMON_ARGS / SUPERNODE_ARGS  extra flags for every dfdaemon / the supernode
+#                 DAEMON_THREADS=1  worker threads per dfdaemon: N daemons share this machine's
+#                               CPUs, so each host has a fraction of one (aria2c runs one thread)
 #                 WAIT_IDLE=S   before each variant wait up to S s for the machine to be
 #                               under IDLE_BUSY % (default 25) busy (other builds skew results)
 # --quick:        N=4 F_MIB=64 VARIANTS=dfp2p BENCH_MD=0 (for CI). In every mode the exit
@@ -28,7 +30,7 @@ QUICK=0
 for a in "$@"; do
     case "$a" in
         --quick) QUICK=1 ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "swarm.sh: unknown argument: $a" >&2; exit 2 ;;
     esac
 done
@@ -44,6 +46,7 @@ BENCH_MD=${BENCH_MD:-1}
 NO_INSTALL=${NO_INSTALL:-0}
 U_MBIT=${U_MBIT:-}
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-}
+DAEMON_THREADS=${DAEMON_THREADS:-1}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -486,7 +489,7 @@ daemons_variant() {   # name cmdfn outfn
     DW=$WORK/$1
     local sn=$DW/sn i
     rm -rf "$DW"; mkdir -p "$sn"
-    meta placement "supernode in $CTL_NS ($CTL_IP, not shaped); one dfdaemon per host namespace"
+    meta placement "supernode in $CTL_NS ($CTL_IP, not shaped); one dfdaemon per host namespace ($DAEMON_THREADS worker thread(s) each)"
     start_bg supernode "$CTL_NS" "$((VTMO + 120))" "$BIN_DIR/supernode" \
         --listen "$CTL_IP:$SN_PORT" --api-listen "$CTL_IP:$SN_API" --data-dir "$sn" \
         ${SUPERNODE_ARGS:-}
@@ -504,7 +507,7 @@ daemons_variant() {   # name cmdfn outfn
             --supernode "$CTL_IP:$SN_PORT" --data-dir "$d/data" --host-id "h$i" \
             --peer-listen "$(host_ip "$i"):65000" --api-sock "$d/dfdaemon.sock" \
             --proxy-listen 127.0.0.1:65001 --ca-cert "$sn/ca.pem" --ca-key "$sn/ca-key.pem" \
-            --plain-http-registry "$ORIGIN_IP" \
+            --plain-http-registry "$ORIGIN_IP" --worker-threads "$DAEMON_THREADS" \
             ${DAEMON_ARGS:-}
         VPIDS+=("$LAST_PID")
     done

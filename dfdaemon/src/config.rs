@@ -27,6 +27,8 @@ pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
 /// slots make each transfer fast, so a new piece is relayed on sooner and spreads as a
 /// tree (swarm bench, 8 hosts: 16 slots 1.21 x the bound, 4 slots 1.11 x, 2 slots 1.09 x).
 pub const DEFAULT_UPLOAD_SLOTS: u32 = 4;
+/// Upper bound for `worker_threads`: beyond it a typo, not a plan.
+pub const MAX_WORKER_THREADS: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +48,8 @@ pub struct FileConfig {
     /// e.g. "64MiB"; "0" keeps no pieces in memory.
     pub memory_cache: Option<String>,
     pub upload_slots: Option<u32>,
+    /// Async worker threads; unset: one per CPU.
+    pub worker_threads: Option<usize>,
     pub concurrent_pieces: Option<usize>,
     pub stall_timeout_secs: Option<u64>,
     pub proxy_listen: Option<SocketAddr>,
@@ -99,6 +103,8 @@ pub struct DaemonConfig {
     pub quota: u64,
     pub memory_cache: u64,
     pub upload_slots: u32,
+    /// Threads of the async runtime; `None`: one per CPU (tokio's default).
+    pub worker_threads: Option<usize>,
     pub engine: EngineConfig,
     pub mirror: crate::mirror::MirrorConfig,
     pub intercept: crate::proxy::InterceptConfig,
@@ -153,6 +159,7 @@ pub struct Overrides {
     pub quota: Option<String>,
     pub memory_cache: Option<String>,
     pub upload_slots: Option<u32>,
+    pub worker_threads: Option<usize>,
     pub proxy_listen: Option<SocketAddr>,
     pub default_registry: Option<String>,
     pub allow_registries: Vec<String>,
@@ -219,6 +226,10 @@ impl DaemonConfig {
             .unwrap_or(DEFAULT_UPLOAD_SLOTS);
         if upload_slots == 0 {
             errors.push("upload_slots must be at least 1".into());
+        }
+        let worker_threads = flags.worker_threads.or(file.worker_threads);
+        if worker_threads.is_some_and(|n| n == 0 || n > MAX_WORKER_THREADS) {
+            errors.push(format!("worker_threads must be 1..={MAX_WORKER_THREADS}"));
         }
         let mut engine = EngineConfig::default();
         if let Some(c) = file.concurrent_pieces {
@@ -298,6 +309,7 @@ impl DaemonConfig {
             quota,
             memory_cache,
             upload_slots,
+            worker_threads,
             engine,
         };
         if errors.is_empty() {
@@ -333,7 +345,8 @@ mod tests {
     #[test]
     fn unknown_keys_rejected_and_errors_collected() {
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
-        let file: FileConfig = toml::from_str("quota = \"lots\"\nupload_slots = 0").unwrap();
+        let file: FileConfig =
+            toml::from_str("quota = \"lots\"\nupload_slots = 0\nworker_threads = 0").unwrap();
         let errs = DaemonConfig::resolve(
             file,
             Overrides {
@@ -342,23 +355,27 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert_eq!(errs.len(), 4, "{errs:?}");
     }
 
     #[test]
     fn flags_override_file() {
-        let file: FileConfig =
-            toml::from_str("host_id = \"a\"\n[labels]\nzone = \"z1\"\nrack = \"r1\"").unwrap();
+        let file: FileConfig = toml::from_str(
+            "host_id = \"a\"\nworker_threads = 2\n[labels]\nzone = \"z1\"\nrack = \"r1\"",
+        )
+        .unwrap();
         let cfg = DaemonConfig::resolve(
             file,
             Overrides {
                 host_id: Some("b".into()),
+                worker_threads: Some(1),
                 labels: vec!["zone=z2".into()],
                 ..Default::default()
             },
         )
         .unwrap();
         assert_eq!(cfg.host_id.as_str(), "b");
+        assert_eq!(cfg.worker_threads, Some(1));
         assert!(cfg.labels.contains(&("zone".into(), "z2".into())));
         assert!(cfg.labels.contains(&("rack".into(), "r1".into())));
         assert!(matches!(cfg.supernode, SupernodeMode::Embedded));
