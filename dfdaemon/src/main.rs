@@ -178,6 +178,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(workers, host = %cfg.host_id, "dfdaemon starting");
     let daemon = dfdaemon::Daemon::start(cfg).await?;
     if let Some(api) = daemon.supernode_api {
         tracing::info!(%api, "embedded supernode HTTP API");

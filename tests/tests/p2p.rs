@@ -387,3 +387,41 @@ fn origin_without_range_is_streamed_once_and_shared() {
     // The probe's 200 answer is the one stream every piece comes from.
     assert!(ratio <= 1.05, "origin sent {ratio:.3} x the file");
 }
+
+/// `--worker-threads` sizes the daemon's runtime (the swarm bench runs each of its 16
+/// daemons on one, as they share two CPUs), and daemons on one worker still share a file.
+#[test]
+fn daemons_on_one_worker_thread_share_a_file() {
+    let root = tempfile::tempdir().unwrap();
+    let data = random_bytes(8 * MIB, 7);
+    let want = sha256_hex(&data);
+    let origin = Origin::start(HashMap::from([("f.bin".to_string(), data)]), true).unwrap();
+    let (sn, daemons) = cluster_with(root.path(), 2, &["--worker-threads", "1"]);
+    // Three differs from one and from the default on this 2-CPU machine.
+    let three = DaemonProc::start(&sn, root.path(), "w3", &["--worker-threads", "3"]).unwrap();
+    for (d, n) in daemons.iter().map(|d| (d, 1)).chain([(&three, 3)]) {
+        let log = d.proc.log_tail();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("dfdaemon starting") && l.contains(&format!("workers={n} "))),
+            "{} did not start with {n} workers:\n{log}",
+            d.host_id
+        );
+    }
+    for (i, ok, err) in fetch_all(&daemons, &origin.url("f.bin"), root.path()) {
+        assert!(ok, "dfget on d{i} failed: {err}");
+        assert_eq!(
+            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
+            want,
+            "d{i} bytes"
+        );
+    }
+    assert!(
+        daemons
+            .iter()
+            .map(|d| d.metric("dfdaemon_pieces_total", "source=\"peer\""))
+            .sum::<f64>()
+            > 0.0,
+        "no piece went from one daemon to the other"
+    );
+}
