@@ -263,14 +263,20 @@ mod tests {
         assert_eq!(mode & 0o077, 0, "CA key not readable by others");
     }
 
-    /// Two of our endpoints settle on AES-128-GCM (the cheaper cipher), with the same
-    /// rustls configs the QUIC configs are built from, in a handshake over memory.
-    #[test]
-    fn peers_agree_on_aes_128_gcm() {
+    /// A fresh CA in a temporary directory (kept alive by the caller) and a peer identity.
+    fn test_ca() -> (tempfile::TempDir, ClusterCa, Identity) {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::load_or_create(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
             .unwrap();
         let id = ca.issue(&[proto::PEER_SERVER_NAME]).unwrap();
+        (dir, ca, id)
+    }
+
+    /// Two of our endpoints settle on AES-128-GCM (the cheaper cipher), with the same
+    /// rustls configs the QUIC configs are built from, in a handshake over memory.
+    #[test]
+    fn peers_agree_on_aes_128_gcm() {
+        let (_dir, ca, id) = test_ca();
         let name = rustls::pki_types::ServerName::try_from(proto::PEER_SERVER_NAME).unwrap();
         let client_cfg = Arc::new(ca.rustls_client(&id, proto::PEER_ALPN).unwrap());
         let mut client = rustls::ClientConnection::new(client_cfg, name).unwrap();
@@ -305,10 +311,7 @@ mod tests {
     /// climbs past quinn's default bound of 1452 to ours.
     #[tokio::test]
     async fn mtu_discovery_reaches_the_ipv4_ethernet_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::load_or_create(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
-            .unwrap();
-        let id = ca.issue(&[proto::PEER_SERVER_NAME]).unwrap();
+        let (_dir, ca, id) = test_ca();
         let server = quinn::Endpoint::server(
             ca.server_config(&id, proto::PEER_ALPN).unwrap(),
             "127.0.0.1:0".parse().unwrap(),

@@ -32,24 +32,27 @@ fn cluster_with(root: &Path, n: usize, args: &[&str]) -> (SupernodeProc, Vec<Dae
     (sn, daemons)
 }
 
-/// Runs dfget on every daemon at once; returns (daemon index, exit ok, stderr).
-fn fetch_all(daemons: &[DaemonProc], url: &str, root: &Path) -> Vec<(usize, bool, String)> {
+/// Runs dfget on every daemon at once and checks that each one succeeded and wrote the
+/// bytes whose sha256 is `want`.
+fn fetch_all(daemons: &[DaemonProc], url: &str, root: &Path, want: &str) {
     let children: Vec<_> = daemons
         .iter()
         .enumerate()
         .map(|(i, d)| (i, d.dfget_spawn(url, &root.join(format!("out{i}")), &[])))
         .collect();
-    children
-        .into_iter()
-        .map(|(i, c)| {
-            let out = c.wait_with_output().expect("dfget");
-            (
-                i,
-                out.status.success(),
-                String::from_utf8_lossy(&out.stderr).to_string(),
-            )
-        })
-        .collect()
+    for (i, c) in children {
+        let out = c.wait_with_output().expect("dfget");
+        assert!(
+            out.status.success(),
+            "dfget on d{i} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            file_sha256(&root.join(format!("out{i}"))).unwrap(),
+            want,
+            "d{i} bytes"
+        );
+    }
 }
 
 #[test]
@@ -64,15 +67,7 @@ fn five_daemons_fetch_256mib_with_origin_sending_it_about_once() {
     let want = sha256_hex(&data);
     let origin = Origin::start(HashMap::from([("big.bin".to_string(), data)]), true).unwrap();
     let (_sn, daemons) = cluster(root.path(), 5);
-    let results = fetch_all(&daemons, &origin.url("big.bin"), root.path());
-    for (i, ok, err) in &results {
-        assert!(ok, "dfget on d{i} failed: {err}");
-        assert_eq!(
-            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
-            want,
-            "d{i} bytes"
-        );
-    }
+    fetch_all(&daemons, &origin.url("big.bin"), root.path(), &want);
     let sent = origin.bytes_sent();
     let ratio = sent as f64 / size as f64;
     eprintln!("origin sent {sent} bytes = {ratio:.4} x file size");
@@ -367,15 +362,7 @@ fn origin_without_range_is_streamed_once_and_shared() {
     let want = sha256_hex(&data);
     let origin = Origin::start(HashMap::from([("f".to_string(), data)]), false).unwrap();
     let (_sn, daemons) = cluster(root.path(), 3);
-    let results = fetch_all(&daemons, &origin.url("f"), root.path());
-    for (i, ok, err) in &results {
-        assert!(ok, "dfget on d{i} failed: {err}");
-        assert_eq!(
-            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
-            want,
-            "d{i} bytes"
-        );
-    }
+    fetch_all(&daemons, &origin.url("f"), root.path(), &want);
     let ratio = origin.bytes_sent() as f64 / (40 * MIB) as f64;
     eprintln!(
         "no-range origin sent {ratio:.3} x file size in {} requests",
@@ -408,14 +395,7 @@ fn daemons_on_one_worker_thread_share_a_file() {
             d.host_id
         );
     }
-    for (i, ok, err) in fetch_all(&daemons, &origin.url("f.bin"), root.path()) {
-        assert!(ok, "dfget on d{i} failed: {err}");
-        assert_eq!(
-            file_sha256(&root.path().join(format!("out{i}"))).unwrap(),
-            want,
-            "d{i} bytes"
-        );
-    }
+    fetch_all(&daemons, &origin.url("f.bin"), root.path(), &want);
     assert!(
         daemons
             .iter()
