@@ -272,6 +272,26 @@ origin_tcp() {   # "OutSegs RetransSegs" of the origin namespace's TCP
         else print $c["OutSegs"], $c["RetransSegs"] }' /proc/net/snmp
 }
 cpu_line() { head -1 /proc/stat; }
+# UDP datagrams the hosts' kernels dropped because a socket's receive buffer was full
+# (summed over the host namespaces). QUIC counts each as lost and sends it again; in the
+# 16-host runs the slow ones are those with thousands of these.
+hosts_udp_drops() {
+    local i sum=0 n
+    for i in $(seq "$N"); do
+        n=$(ip netns exec "$(host_ns "$i")" awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 }
+            else print $c["RcvbufErrors"] }' /proc/net/snmp 2>/dev/null)
+        sum=$((sum + ${n:-0}))
+    done
+    echo "$sum"
+}
+# This VM's speed: MiB/s of one core hashing the test file. It swings between runs (the
+# same hash of 256 MiB took 1.6 to 3.0 s within an hour), and a CPU-bound variant slows
+# with it, so each variant records it before and after.
+speed_probe() {
+    local t0=$EPOCHREALTIME
+    sha256sum "$WORK/www/file.bin" > /dev/null
+    awk -v a="$t0" -v b="$EPOCHREALTIME" -v m="$F_MIB" 'BEGIN { printf "%.0f", m / (b - a) }'
+}
 cg_usage() { cat "$CG/cpuacct.usage" 2>/dev/null || echo 0; }
 
 start_origin() {
@@ -357,6 +377,7 @@ begin_variant() {   # name
     VERR=
     VPIDS=()
     meta pre_busy "${PRE_BUSY:-}"
+    meta speed_before "$(speed_probe)"
 }
 meta() { printf '%s=%s\n' "$1" "$2" >> "$META"; }
 meta_get() { awk -F= -v k="$1" '$1==k {sub(/^[^=]*=/,""); print; exit}' "$META"; }
@@ -394,6 +415,7 @@ start_sampler() {   # 1-s /proc/stat samples during the variant
 go_now() {   # record counters and release all jobs
     meta tx0 "$(origin_tx)"
     meta tcp0 "$(origin_tcp)"
+    meta udpdrop0 "$(hosts_udp_drops)"
     meta acc0 "$(access_lines)"
     meta cg0 "$(cg_usage)"
     meta stat0 "$(cpu_line)"
@@ -409,6 +431,7 @@ end_counters() {
     meta cg1 "$(cg_usage)"
     meta tx1 "$(origin_tx)"
     meta tcp1 "$(origin_tcp)"
+    meta udpdrop1 "$(hosts_udp_drops)"
     meta acc1 "$(access_lines)"
     stop_pids "$SAMPLER"
     local a0 a1
@@ -446,6 +469,7 @@ verify_outputs() {   # fn
 }
 
 end_variant() {
+    meta speed_after "$(speed_probe)"
     meta status "$VSTATUS"
     meta error "$VERR"
     [ "$VSTATUS" = ok ] || FAIL=1

@@ -212,6 +212,11 @@ def load_variant(resdir, name, run):
             v["origin_tcp_retrans_segs"] = r1 - r0
         except ValueError:
             pass
+    for key in ("speed_before", "speed_after"):
+        if meta.get(key, "").isdigit():
+            v[key + "_mib_s"] = int(meta[key])
+    if meta.get("udpdrop0", "").isdigit() and meta.get("udpdrop1", "").isdigit():
+        v["hosts_udp_rcvbuf_drops"] = int(meta["udpdrop1"]) - int(meta["udpdrop0"])
     v["origin_http_body_bytes"] = body
     v["origin_http_body_f"] = body / fbytes
     v["origin_http_requests"] = reqs
@@ -359,11 +364,16 @@ def markdown(r, png_rel):
             notes.append(f"machine at >=95% busy in {fmt(v['cpu_sat_pct'], 0)}% of the 1-s samples")
         if v.get("pre_busy_pct") not in (None, ""):
             notes.append(f"machine {v['pre_busy_pct']}% busy just before")
+        if v.get("speed_before_mib_s") is not None and v.get("speed_after_mib_s") is not None:
+            notes.append(f"machine speed (one core hashing the file) {v['speed_before_mib_s']} MiB/s "
+                         f"before, {v['speed_after_mib_s']} after")
         if v.get("cpu_busy_pct") is not None and v.get("bench_cpu_pct") is not None:
             notes.append(f"other (non-harness) load during the variant about "
                          f"{fmt(max(0.0, v['cpu_busy_pct'] - v['bench_cpu_pct']), 0)}%")
         if v["status"] != "ok":
             notes.append(f"error: {v['error']}")
+        if v.get("hosts_udp_rcvbuf_drops") is not None and v["name"] in ("dfp2p", "mirror"):
+            notes.append(f"UDP receive-buffer drops on the hosts {v['hosts_udp_rcvbuf_drops']}")
         if v.get("origin_tcp_out_segs"):
             notes.append(f"origin TCP retransmitted {v['origin_tcp_retrans_segs']} of "
                          f"{v['origin_tcp_out_segs']} segments")

@@ -47,6 +47,7 @@ pub struct FileConfig {
     pub quota: Option<String>,
     /// e.g. "64MiB"; "0" keeps no pieces in memory.
     pub memory_cache: Option<String>,
+    pub udp_receive_buffer: Option<String>,
     pub upload_slots: Option<u32>,
     /// Async worker threads; unset: one per CPU.
     pub worker_threads: Option<usize>,
@@ -102,6 +103,8 @@ pub struct DaemonConfig {
     pub ca_key: PathBuf,
     pub quota: u64,
     pub memory_cache: u64,
+    /// Receive buffer of the peer socket, bytes; 0 keeps the kernel's default.
+    pub udp_receive_buffer: u64,
     pub upload_slots: u32,
     /// Threads of the async runtime; `None`: one per CPU (tokio's default).
     pub worker_threads: Option<usize>,
@@ -158,6 +161,7 @@ pub struct Overrides {
     pub ca_key: Option<PathBuf>,
     pub quota: Option<String>,
     pub memory_cache: Option<String>,
+    pub udp_receive_buffer: Option<String>,
     pub upload_slots: Option<u32>,
     pub worker_threads: Option<usize>,
     pub proxy_listen: Option<SocketAddr>,
@@ -219,6 +223,13 @@ impl DaemonConfig {
                 DEFAULT_MEMORY_CACHE
             }),
             None => DEFAULT_MEMORY_CACHE,
+        };
+        let udp_receive_buffer = match flags.udp_receive_buffer.or(file.udp_receive_buffer) {
+            Some(q) => parse_size(&q).unwrap_or_else(|e| {
+                errors.push(e);
+                crate::udp::DEFAULT_RECEIVE_BUFFER
+            }),
+            None => crate::udp::DEFAULT_RECEIVE_BUFFER,
         };
         let upload_slots = flags
             .upload_slots
@@ -308,6 +319,7 @@ impl DaemonConfig {
             data_dir,
             quota,
             memory_cache,
+            udp_receive_buffer,
             upload_slots,
             worker_threads,
             engine,
@@ -345,8 +357,10 @@ mod tests {
     #[test]
     fn unknown_keys_rejected_and_errors_collected() {
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
-        let file: FileConfig =
-            toml::from_str("quota = \"lots\"\nupload_slots = 0\nworker_threads = 0").unwrap();
+        let file: FileConfig = toml::from_str(
+            "quota = \"lots\"\nupload_slots = 0\nworker_threads = 0\nudp_receive_buffer = \"big\"",
+        )
+        .unwrap();
         let errs = DaemonConfig::resolve(
             file,
             Overrides {
@@ -355,13 +369,33 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    /// The TOML a Kubernetes manifest carries under `data: <key>: |` (indented 4).
+    fn manifest_toml(yaml: &str, key: &str) -> String {
+        yaml.lines()
+            .skip_while(|l| l.trim() != format!("{key}: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn shipped_manifest_config_is_valid() {
+        let text = manifest_toml(include_str!("../../deploy/dfdaemon.yaml"), "dfdaemon.toml");
+        assert!(text.contains("udp_receive_buffer"), "{text}");
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        let cfg = DaemonConfig::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(cfg.udp_receive_buffer, 4 << 20);
     }
 
     #[test]
     fn flags_override_file() {
         let file: FileConfig = toml::from_str(
-            "host_id = \"a\"\nworker_threads = 2\n[labels]\nzone = \"z1\"\nrack = \"r1\"",
+            "host_id = \"a\"\nworker_threads = 2\nudp_receive_buffer = \"1MiB\"\n[labels]\nzone = \"z1\"\nrack = \"r1\"",
         )
         .unwrap();
         let cfg = DaemonConfig::resolve(
@@ -376,6 +410,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.host_id.as_str(), "b");
         assert_eq!(cfg.worker_threads, Some(1));
+        assert_eq!(cfg.udp_receive_buffer, 1 << 20);
         assert!(cfg.labels.contains(&("zone".into(), "z2".into())));
         assert!(cfg.labels.contains(&("rack".into(), "r1".into())));
         assert!(matches!(cfg.supernode, SupernodeMode::Embedded));

@@ -29,6 +29,7 @@ pub mod peer;
 pub mod prewarm;
 pub mod proxy;
 pub mod store;
+pub mod udp;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -163,9 +164,22 @@ impl Daemon {
         let supernode_api = embedded.as_ref().map(|s| s.api_addr);
 
         let identity = ca.issue(&[proto::PEER_SERVER_NAME, cfg.host_id.as_str()])?;
-        let endpoint = quinn::Endpoint::server(
-            ca.server_config(&identity, proto::PEER_ALPN)?,
-            cfg.peer_listen,
+        let peer_socket =
+            udp::bind_peer_socket(cfg.peer_listen, cfg.udp_receive_buffer).map_err(|source| {
+                DaemonError::BindPeer {
+                    addr: cfg.peer_listen,
+                    source,
+                }
+            })?;
+        tracing::info!(
+            bytes = peer_socket.receive_buffer,
+            "peer socket receive buffer"
+        );
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(ca.server_config(&identity, proto::PEER_ALPN)?),
+            peer_socket.socket,
+            Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| DaemonError::BindPeer {
             addr: cfg.peer_listen,

@@ -52,6 +52,10 @@ struct Args {
     /// re-hash; 0 turns it off [default: 64MiB]
     #[arg(long)]
     memory_cache: Option<String>,
+    /// Receive buffer of the QUIC peer socket, e.g. 4MiB; 0 keeps the kernel's default.
+    /// Past net.core.rmem_max it needs CAP_NET_ADMIN [default: 4MiB]
+    #[arg(long)]
+    udp_receive_buffer: Option<String>,
     /// Concurrent piece uploads to other daemons [default: 4]
     #[arg(long)]
     upload_slots: Option<u32>,
@@ -155,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         ca_key: args.ca_key,
         quota: args.quota,
         memory_cache: args.memory_cache,
+        udp_receive_buffer: args.udp_receive_buffer,
         upload_slots: args.upload_slots,
         worker_threads: args.worker_threads,
         proxy_listen: args.proxy_listen,
