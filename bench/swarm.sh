@@ -19,6 +19,8 @@
 #                 DAEMON_ARGS / SUPERNODE_ARGS  extra flags for every dfdaemon / the supernode
 #                 DAEMON_THREADS=1  worker threads per dfdaemon: N daemons share this machine's
 #                               CPUs, so each host has a fraction of one (aria2c runs one thread)
+#                 CPU_LIMIT=1.5  hold everything the harness starts to this many CPUs (a cgroup
+#                               cpu quota): a slower or busier machine, on demand
 #                 WAIT_IDLE=S   before each variant wait up to S s for the machine to be
 #                               under IDLE_BUSY % (default 25) busy (other builds skew results)
 # --quick:        N=4 F_MIB=64 VARIANTS=dfp2p BENCH_MD=0 (for CI). In every mode the exit
@@ -47,6 +49,7 @@ NO_INSTALL=${NO_INSTALL:-0}
 U_MBIT=${U_MBIT:-}
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-}
 DAEMON_THREADS=${DAEMON_THREADS:-1}
+CPU_LIMIT=${CPU_LIMIT:-}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -59,7 +62,7 @@ PY=${PYTHON:-/usr/bin/python3}
 [ -x "$PY" ] || PY=$(command -v python3)
 HELPER="$HERE/swarm_report.py"
 CMDLINE="$(printf '%s ' N="$N" F_MIB="$F_MIB" RATE="$RATE" VARIANTS="$VARIANTS")"
-for _v in U_MBIT VARIANT_TIMEOUT WAIT_IDLE IDLE_BUSY; do
+for _v in U_MBIT CPU_LIMIT VARIANT_TIMEOUT WAIT_IDLE IDLE_BUSY; do
     [ -n "${!_v:-}" ] && CMDLINE+="$_v=${!_v} "
 done
 CMDLINE+="bench/swarm.sh$( [ "$QUICK" = 1 ] && echo ' --quick')"
@@ -74,6 +77,7 @@ SN_PORT=8002
 SN_API=8080
 TRK_PORT=6969
 CG=/sys/fs/cgroup/cpuacct/dfb-swarm
+CPU_CG=/sys/fs/cgroup/cpu/dfb-swarm
 LOCK=/run/dfb-swarm.lock
 
 PIDS=()
@@ -138,6 +142,12 @@ cleanup_cgroup() {
         echo "$p" > /sys/fs/cgroup/cpuacct/cgroup.procs 2>/dev/null
     done
     rmdir "$CG" 2>/dev/null
+    if [ -d "$CPU_CG" ]; then
+        for p in $(cat "$CPU_CG/cgroup.procs" 2>/dev/null); do
+            echo "$p" > /sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null
+        done
+        rmdir "$CPU_CG" 2>/dev/null
+    fi
     return 0
 }
 
@@ -146,6 +156,7 @@ cleanup() {
     trap - EXIT INT TERM
     [ ${#PIDS[@]} -gt 0 ] && stop_pids "${PIDS[@]}"
     cleanup_namespaces
+    echo $$ > /sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null
     cleanup_cgroup
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
         if [ -n "$KEEP_LOGS" ]; then
@@ -166,6 +177,12 @@ preflight() {
     case "$N" in ''|*[!0-9]*) die "N must be a number" ;; esac
     [ "$N" -ge 1 ] && [ "$N" -le 250 ] || die "N must be 1..250"
     case "$F_MIB" in ''|*[!0-9]*) die "F_MIB must be a whole number of MiB" ;; esac
+    if [ -n "$CPU_LIMIT" ]; then
+        "$PY" -c "import sys; sys.exit(0 if 0.1 <= float('$CPU_LIMIT') <= $(nproc) else 1)" 2>/dev/null \
+            || die "CPU_LIMIT must be a number of CPUs, 0.1..$(nproc)"
+        [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ] \
+            || die "CPU_LIMIT needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu"
+    fi
     local v need_pkgs=() pkg cmd
     for v in ${VARIANTS//,/ }; do
         case "$v" in dfp2p|mirror|http|bt) ;; *) die "unknown variant '$v' (dfp2p, mirror, http, bt)" ;; esac
@@ -708,6 +725,14 @@ main() {
     mkdir -p "$WORK/logs" "$WORK/www" "$WORK/res"
     if mkdir -p "$CG" 2>/dev/null && echo $$ > "$CG/cgroup.procs" 2>/dev/null; then :; else
         log "note: no cpuacct cgroup; bench-process CPU will not be reported"; fi
+    if [ -n "$CPU_LIMIT" ]; then
+        # A 10 ms period keeps the throttling fine-grained, closer to a slower CPU than to
+        # 100 ms stalls.
+        mkdir -p "$CPU_CG" && echo 10000 > "$CPU_CG/cpu.cfs_period_us" \
+            && echo "$("$PY" -c "print(int(round($CPU_LIMIT * 10000)))")" > "$CPU_CG/cpu.cfs_quota_us" \
+            && echo $$ > "$CPU_CG/cgroup.procs" || die "cannot set up the CPU_LIMIT cgroup"
+        log "harness held to $CPU_LIMIT CPUs"
+    fi
 
     FILE_BYTES=$((F_MIB * 1048576))
     log "making $F_MIB MiB of random data"
@@ -748,6 +773,7 @@ bg_stat1=$s1
 variant_timeout=$VTMO
 bin_dir=$BIN_DIR
 quick=$QUICK
+cpu_limit=$CPU_LIMIT
 EOF
     log "N=$N F=${F_MIB}MiB RATE=$RATE variants=$VARIANTS timeout/variant=${VTMO}s work=$WORK"
     sync

@@ -332,6 +332,8 @@ def markdown(r, png_rel):
              f"Kumar-Ross lower bound T = max(F/u, N*F/((N+1)*u)) = **{r['kr_bound_s']:.1f} s** "
              f"(a single origin serving all N alone would need N*F/u = {r['client_server_bound_s']:.1f} s). "
              f"Origin: nginx-light on the origin host. Machine: {run['ncpu']} CPUs, kernel {run['kernel']}; "
+             + (f"every process of the harness held to {run['cpu_limit']} CPUs (CPU_LIMIT); "
+                if run.get("cpu_limit") else "") +
              f"machine load when the script started: {fmt(r['background_busy_pct'], 0)}% busy "
              f"(per variant below: load just before it and the non-harness load during it).")
     L.append("")
