@@ -231,6 +231,9 @@ impl DaemonConfig {
             }),
             None => crate::udp::DEFAULT_RECEIVE_BUFFER,
         };
+        if udp_receive_buffer > crate::udp::MAX_RECEIVE_BUFFER {
+            errors.push("udp_receive_buffer must be at most 1GiB".into());
+        }
         let upload_slots = flags
             .upload_slots
             .or(file.upload_slots)
@@ -370,6 +373,18 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(errs.len(), 5, "{errs:?}");
+        let errs = DaemonConfig::resolve(
+            FileConfig::default(),
+            Overrides {
+                udp_receive_buffer: Some("2GiB".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("udp_receive_buffer")),
+            "{errs:?}"
+        );
     }
 
     /// The TOML a Kubernetes manifest carries under `data: <key>: |` (indented 4).

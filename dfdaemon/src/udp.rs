@@ -21,6 +21,8 @@ use rustix::net::sockopt;
 
 /// Receive buffer asked for on the peer socket.
 pub const DEFAULT_RECEIVE_BUFFER: u64 = 4 << 20;
+/// The kernel takes the size as a C int (and doubles it); this keeps well inside that.
+pub const MAX_RECEIVE_BUFFER: u64 = 1 << 30;
 
 /// A bound socket and the receive buffer the kernel granted it.
 pub struct PeerSocket {
@@ -34,23 +36,20 @@ pub struct PeerSocket {
 /// stops at that limit, and a warning says which sysctl to raise.
 pub fn bind_peer_socket(addr: SocketAddr, want: u64) -> io::Result<PeerSocket> {
     let socket = UdpSocket::bind(addr)?;
-    let want = usize::try_from(want).unwrap_or(usize::MAX);
-    if want > 0 {
-        // Linux books twice the value set (half for its own bookkeeping) and reports that.
-        let ask = want / 2;
-        if sockopt::set_socket_recv_buffer_size_force(&socket, ask).is_err() {
-            sockopt::set_socket_recv_buffer_size(&socket, ask)?;
-        }
+    // Linux books twice the value set (half for its own bookkeeping) and reports that.
+    let ask = usize::try_from(want / 2).unwrap_or(usize::MAX / 2);
+    if ask > 0 && sockopt::set_socket_recv_buffer_size_force(&socket, ask).is_err() {
+        sockopt::set_socket_recv_buffer_size(&socket, ask)?;
     }
     let receive_buffer = sockopt::socket_recv_buffer_size(&socket)?;
-    if receive_buffer < want {
+    if receive_buffer < ask * 2 {
         tracing::warn!(
             got = receive_buffer,
-            want,
+            want = ask * 2,
             "peer socket receive buffer is smaller than configured: piece transfers may drop \
              packets when the host is busy; raise net.core.rmem_max to at least {} or run \
              with CAP_NET_ADMIN",
-            want / 2
+            ask
         );
     }
     Ok(PeerSocket {
