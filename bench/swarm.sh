@@ -302,7 +302,7 @@ hosts_udp_drops() {
     echo "$sum"
 }
 # This VM's speed: MiB/s of one core hashing the test file. It swings between runs (the
-# same hash of 256 MiB took 1.6 to 3.0 s within an hour), and a CPU-bound variant slows
+# same sha256sum ran at 169 to 335 MiB/s within two hours), and a CPU-bound variant slows
 # with it, so each variant records it before and after.
 speed_probe() {
     local t0=$EPOCHREALTIME
