@@ -47,6 +47,7 @@ pub struct FileConfig {
     pub quota: Option<String>,
     /// e.g. "64MiB"; "0" keeps no pieces in memory.
     pub memory_cache: Option<String>,
+    /// e.g. "4MiB" (the default); "0" keeps the kernel's default buffer.
     pub udp_receive_buffer: Option<String>,
     pub upload_slots: Option<u32>,
     /// Async worker threads; unset: one per CPU.
