@@ -211,27 +211,23 @@ impl DaemonConfig {
                 Err(e) => errors.push(e),
             }
         }
-        let quota = match flags.quota.or(file.quota) {
-            Some(q) => parse_size(&q).unwrap_or_else(|e| {
-                errors.push(e);
-                DEFAULT_QUOTA
-            }),
-            None => DEFAULT_QUOTA,
+        // A size from the flag, else the file, else the default; a bad one is reported.
+        let mut size = |v: Option<String>, default: u64| {
+            v.map_or(Ok(default), |q| parse_size(&q))
+                .unwrap_or_else(|e| {
+                    errors.push(e);
+                    default
+                })
         };
-        let memory_cache = match flags.memory_cache.or(file.memory_cache) {
-            Some(q) => parse_size(&q).unwrap_or_else(|e| {
-                errors.push(e);
-                DEFAULT_MEMORY_CACHE
-            }),
-            None => DEFAULT_MEMORY_CACHE,
-        };
-        let udp_receive_buffer = match flags.udp_receive_buffer.or(file.udp_receive_buffer) {
-            Some(q) => parse_size(&q).unwrap_or_else(|e| {
-                errors.push(e);
-                crate::udp::DEFAULT_RECEIVE_BUFFER
-            }),
-            None => crate::udp::DEFAULT_RECEIVE_BUFFER,
-        };
+        let quota = size(flags.quota.or(file.quota), DEFAULT_QUOTA);
+        let memory_cache = size(
+            flags.memory_cache.or(file.memory_cache),
+            DEFAULT_MEMORY_CACHE,
+        );
+        let udp_receive_buffer = size(
+            flags.udp_receive_buffer.or(file.udp_receive_buffer),
+            crate::udp::DEFAULT_RECEIVE_BUFFER,
+        );
         if udp_receive_buffer > crate::udp::MAX_RECEIVE_BUFFER {
             errors.push("udp_receive_buffer must be at most 1GiB".into());
         }
