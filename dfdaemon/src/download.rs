@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::{ControlClient, ControlError};
+use crate::landing::{Landing, Landings};
 use crate::metrics::Metrics;
 use crate::origin::{BodyStream, Origin, OriginError, header_map};
 use crate::peer::{PeerClient, PeerError};
@@ -244,6 +245,7 @@ fn store_api_error(e: &StoreError) -> ApiError {
 
 pub struct Engine {
     pub store: Arc<Store>,
+    landings: Arc<Landings>,
     pub control: Arc<ControlClient>,
     peers: Arc<PeerClient>,
     origin: Origin,
@@ -280,6 +282,13 @@ enum Job {
         piece: PieceIndex,
         expected: Option<Sha256Digest>,
         gate: Gate,
+        /// Where its bytes go as they land, for the peers sent to take them early.
+        landing: Option<Arc<Landing>>,
+    },
+    /// Bytes of a piece another host is fetching from the origin, as they land.
+    Landing {
+        piece: PieceIndex,
+        parent: ParentRef,
     },
     /// The whole content; with the probe's body when that request already carries it.
     OriginWhole(Option<BodyStream>),
@@ -288,6 +297,7 @@ enum Job {
 /// What an [`Engine`] is built from.
 pub struct EngineParts {
     pub store: Arc<Store>,
+    pub landings: Arc<Landings>,
     pub control: Arc<ControlClient>,
     pub peers: Arc<PeerClient>,
     pub origin: Origin,
@@ -301,6 +311,7 @@ impl Engine {
     pub fn new(parts: EngineParts) -> Arc<Self> {
         let EngineParts {
             store,
+            landings,
             control,
             peers,
             origin,
@@ -311,6 +322,7 @@ impl Engine {
         } = parts;
         Arc::new(Self {
             store,
+            landings,
             control,
             peers,
             origin,
@@ -447,6 +459,8 @@ impl Engine {
             .store
             .open_task(id, &url, digest)
             .map_err(|e| store_api_error(&e))?;
+        // Whatever is still landing when this download ends has failed.
+        let _landings = self.landings.task(id);
         let meta = self
             .store
             .meta(&id)
@@ -614,7 +628,14 @@ impl Engine {
         let announcer = {
             let control = self.control.clone();
             let host = host.clone();
-            tokio::spawn(announce_loop(control, self.store.clone(), host, id, ann_rx))
+            tokio::spawn(announce_loop(
+                control,
+                self.store.clone(),
+                self.landings.clone(),
+                host,
+                id,
+                ann_rx,
+            ))
         };
         let mut announcer = AbortOnDrop(announcer);
 
@@ -692,6 +713,11 @@ impl Engine {
                                         piece: a.piece,
                                         expected: known.get(&a.piece).copied(),
                                         gate: Gate::None,
+                                        landing: None,
+                                    }),
+                                    PieceSource::Landing { parent } => planned.push(Job::Landing {
+                                        piece: a.piece,
+                                        parent,
                                     }),
                                     PieceSource::OriginWhole => {
                                         planned.push(Job::OriginWhole(probe_body.take()))
@@ -767,6 +793,7 @@ impl Engine {
                                 piece,
                                 expected: expected.copied(),
                                 gate: Gate::None,
+                                landing: None,
                             }),
                         }
                     }
@@ -787,12 +814,23 @@ impl Engine {
                             _ => Gate::Waits(gate_rx.clone()),
                         };
                     }
-                    match &job {
-                        Job::Parents { piece, .. } | Job::Origin { piece, .. } => {
+                    match &mut job {
+                        Job::Parents { piece, .. } | Job::Landing { piece, .. } => {
                             if busy.contains(*piece) || stored.contains(*piece) {
                                 continue;
                             }
                             busy.insert(*piece);
+                        }
+                        Job::Origin { piece, landing, .. } => {
+                            if busy.contains(*piece) || stored.contains(*piece) {
+                                continue;
+                            }
+                            busy.insert(*piece);
+                            // Registered now rather than when the job starts: the peers
+                            // the supernode sends here may already be on their way.
+                            if sn_ok && let Some((_, len)) = layout.piece_range(*piece) {
+                                *landing = Some(self.landings.begin(id, *piece, len));
+                            }
                         }
                         Job::OriginWhole(_) => {
                             for p in stored.missing() {
@@ -969,10 +1007,15 @@ impl Engine {
                     .await;
                 let _ = events.send(ev).await;
             }
+            Job::Landing { piece, parent } => {
+                let ev = self.fetch_landing(id, layout, piece, &parent).await;
+                let _ = events.send(ev).await;
+            }
             Job::Origin {
                 piece,
                 expected,
                 gate,
+                landing,
             } => {
                 // Held until this job ends; dropping it lets the gated jobs go.
                 let _opens = match gate {
@@ -985,9 +1028,11 @@ impl Engine {
                     Gate::None => None,
                 };
                 let ev = self
-                    .fetch_from_origin(id, &h.request.url, &headers, layout, piece, expected)
+                    .fetch_from_origin(&h, &headers, layout, piece, expected, landing.as_deref())
                     .await;
                 if matches!(ev, Event::Failed { .. }) {
+                    // Stored pieces end their landing when the announce is accepted.
+                    self.landings.failed(&id, piece);
                     let _ = self
                         .control
                         .call(&ControlRequest::PieceFailed {
@@ -1125,15 +1170,78 @@ impl Engine {
         }
     }
 
-    async fn fetch_from_origin(
+    /// Takes a piece from a parent as it lands there from the origin, then checks it
+    /// against the record that parent made when it was done.
+    async fn fetch_landing(
         &self,
         id: TaskId,
-        url: &str,
+        layout: PieceLayout,
+        piece: PieceIndex,
+        parent: &ParentRef,
+    ) -> Event {
+        let failed = |busy| Event::Failed {
+            piece,
+            fatal: None,
+            busy,
+        };
+        let Some((_, len)) = layout.piece_range(piece) else {
+            return failed(false);
+        };
+        let (data, actual) = match self.peers.fetch_landing(parent.addr, id, piece, len).await {
+            Ok(got) => got,
+            Err(PeerError::Busy { .. }) => {
+                self.metrics.failed("busy");
+                return failed(true);
+            }
+            Err(e) => {
+                self.parent_failed(id, piece, parent, &e).await;
+                return failed(false);
+            }
+        };
+        let records = self
+            .control
+            .call(&ControlRequest::PieceRecords {
+                host: self.control.host().clone(),
+                task: id,
+                pieces: vec![piece],
+            })
+            .await;
+        let recorded = match records {
+            Ok(ControlResponse::Records(r)) => {
+                r.iter().find(|r| r.piece == piece).map(|r| r.digest)
+            }
+            Ok(_) | Err(_) => None,
+        };
+        match recorded {
+            Some(d) if d == actual => {
+                self.metrics.landing_pieces.inc();
+                self.store_piece(id, piece, data, actual, AnnounceSource::Peer)
+                    .await
+            }
+            Some(_) => {
+                let e = PeerError::DigestMismatch { addr: parent.addr };
+                self.parent_failed(id, piece, parent, &e).await;
+                failed(false)
+            }
+            // No record to check against (the supernode is unreachable, say): the bytes
+            // are worthless.
+            None => {
+                self.metrics.failed("unrecorded");
+                failed(false)
+            }
+        }
+    }
+
+    async fn fetch_from_origin(
+        &self,
+        h: &TaskHandle,
         headers: &HeaderMap,
         layout: PieceLayout,
         piece: PieceIndex,
         expected: Option<Sha256Digest>,
+        landing: Option<&Landing>,
     ) -> Event {
+        let (id, url) = (h.id, h.request.url.as_str());
         let Some((offset, len)) = layout.piece_range(piece) else {
             return Event::Failed {
                 piece,
@@ -1141,7 +1249,16 @@ impl Engine {
                 busy: false,
             };
         };
-        let (data, digest) = match self.origin.fetch_range(url, headers, offset, len).await {
+        let relay = |chunk: &Bytes| {
+            if let Some(l) = landing {
+                l.push(chunk.clone());
+            }
+        };
+        let (data, digest) = match self
+            .origin
+            .fetch_range(url, headers, offset, len, relay)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 self.metrics.failed("origin");
@@ -1336,6 +1453,7 @@ impl<T> Drop for AbortOnDrop<T> {
 async fn announce_loop(
     control: Arc<ControlClient>,
     store: Arc<Store>,
+    landings: Arc<Landings>,
     host: proto::HostId,
     task: TaskId,
     mut rx: mpsc::Receiver<(AnnounceSource, PieceRecord)>,
@@ -1346,8 +1464,20 @@ async fn announce_loop(
             batch.push(more);
         }
         let t0 = Instant::now();
+        // Peers taking an origin piece as it landed wait for its record: tell them
+        // whether there is one.
+        let end_landings = |recorded: bool| {
+            for (_, r) in batch.iter().filter(|(s, _)| *s == AnnounceSource::Origin) {
+                if recorded {
+                    landings.recorded(&task, r.piece);
+                } else {
+                    landings.failed(&task, r.piece);
+                }
+            }
+        };
         if let Err(e) = store.sync().await {
             tracing::error!(%task, error = %e, "syncing the piece store failed; not announcing");
+            end_landings(false);
             continue;
         }
         let synced = t0.elapsed();
@@ -1357,19 +1487,27 @@ async fn announce_loop(
                 .filter(|(s, _)| *s == source)
                 .map(|(_, r)| *r)
                 .collect();
-            if pieces.is_empty() || !control.is_up() {
+            if pieces.is_empty() {
                 continue;
             }
-            if let Err(e) = control
-                .call(&ControlRequest::AnnouncePieces {
-                    host: host.clone(),
-                    task,
-                    source,
-                    pieces,
-                })
-                .await
-            {
-                tracing::debug!(%task, error = %e, "announce failed; pieces are re-announced on re-registration");
+            let announced = control.is_up()
+                && match control
+                    .call(&ControlRequest::AnnouncePieces {
+                        host: host.clone(),
+                        task,
+                        source,
+                        pieces,
+                    })
+                    .await
+                {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::debug!(%task, error = %e, "announce failed; pieces are re-announced on re-registration");
+                        false
+                    }
+                };
+            if source == AnnounceSource::Origin {
+                end_landings(announced);
             }
         }
         tracing::debug!(

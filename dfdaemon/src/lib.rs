@@ -22,6 +22,7 @@ pub mod config;
 pub mod containerd;
 pub mod control;
 pub mod download;
+pub mod landing;
 pub mod metrics;
 pub mod mirror;
 pub mod origin;
@@ -53,6 +54,9 @@ use crate::peer::PeerClient;
 
 /// Peer connections served at once; each costs a few hundred KiB of QUIC state.
 pub const MAX_PEER_CONNECTIONS: usize = 1024;
+/// Uploads of pieces still landing from the origin at once (the supernode sends a few
+/// peers per origin fetch, and a host has a few origin fetches at most).
+const LANDING_UPLOAD_SLOTS: usize = 12;
 /// How long shutdown waits for running work before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -215,8 +219,10 @@ impl Daemon {
             endpoint.clone(),
             ca.client_config(&identity, proto::PEER_ALPN)?,
         ));
+        let landings = Arc::new(landing::Landings::default());
         let engine = Engine::new(EngineParts {
             store: store.clone(),
+            landings: landings.clone(),
             control: control.clone(),
             peers,
             origin: origin::Origin::new(&cfg.mirror.upstream_roots)?,
@@ -229,26 +235,20 @@ impl Daemon {
         // Piece server.
         let uploads = Arc::new(Semaphore::new(cfg.upload_slots as usize));
         {
-            let (store, uploads, metrics, tracker2) = (
-                store.clone(),
-                uploads.clone(),
-                metrics.clone(),
-                tracker.clone(),
-            );
+            let ctx = peer::ServeCtx {
+                store: store.clone(),
+                slots: uploads.clone(),
+                landings,
+                landing_slots: Arc::new(Semaphore::new(LANDING_UPLOAD_SLOTS)),
+                metrics: metrics.clone(),
+            };
+            let tracker2 = tracker.clone();
             tracker.spawn(supernode::transport::accept_loop(
                 endpoint.clone(),
                 MAX_PEER_CONNECTIONS,
                 cancel.clone(),
                 tracker.clone(),
-                move |conn| {
-                    peer::serve_connection(
-                        conn,
-                        store.clone(),
-                        uploads.clone(),
-                        metrics.clone(),
-                        tracker2.clone(),
-                    )
-                },
+                move |conn| peer::serve_connection(conn, ctx.clone(), tracker2.clone()),
             ));
         }
 

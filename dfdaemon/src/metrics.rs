@@ -25,6 +25,10 @@ pub struct Metrics {
     pub piece_failures: Family<ReasonLabels, Counter>,
     pub upload_bytes: Counter,
     pub upload_busy: Counter,
+    /// Pieces relayed to a peer while they landed from the origin.
+    pub landing_uploads: Counter,
+    /// Pieces taken from a parent while it fetched them from the origin.
+    pub landing_pieces: Counter,
     pub uploads_in_flight: Gauge,
     pub corrupt_local_pieces: Counter,
     pub downloads: Family<ReasonLabels, Counter>,
@@ -68,6 +72,18 @@ impl Default for Metrics {
             "upload_bytes",
             "Piece bytes served to other daemons",
             upload_bytes.clone(),
+        );
+        let landing_uploads = Counter::default();
+        registry.register(
+            "landing_uploads",
+            "Pieces relayed to a peer while they landed from the origin",
+            landing_uploads.clone(),
+        );
+        let landing_pieces = Counter::default();
+        registry.register(
+            "landing_pieces",
+            "Pieces taken from a parent while it fetched them from the origin",
+            landing_pieces.clone(),
         );
         let upload_busy = Counter::default();
         registry.register(
@@ -134,6 +150,8 @@ impl Default for Metrics {
             piece_failures,
             upload_bytes,
             upload_busy,
+            landing_uploads,
+            landing_pieces,
             uploads_in_flight,
             corrupt_local_pieces,
             downloads,

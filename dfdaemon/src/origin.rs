@@ -137,13 +137,15 @@ impl Origin {
         }
     }
 
-    /// Fetches exactly `len` bytes at `offset` by Range, hashing them as they arrive.
+    /// Fetches exactly `len` bytes at `offset` by Range, hashing them as they arrive;
+    /// `on_chunk` sees each chunk as it comes (to relay it while the rest lands).
     pub async fn fetch_range(
         &self,
         url: &str,
         headers: &HeaderMap,
         offset: u64,
         len: u32,
+        mut on_chunk: impl FnMut(&Bytes),
     ) -> Result<(Bytes, Sha256Digest), OriginError> {
         let last = offset + u64::from(len) - 1;
         let resp = self
@@ -173,6 +175,7 @@ impl Origin {
             }
             hasher.update(&chunk);
             buf.extend_from_slice(&chunk);
+            on_chunk(&chunk);
         }
         if buf.len() != len as usize {
             return Err(OriginError::Protocol(format!(

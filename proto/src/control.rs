@@ -116,6 +116,13 @@ pub enum ControlRequest {
         host: HostId,
         task: Option<TaskId>,
     },
+    /// The recorded digests of these pieces (those that have one), answered with
+    /// [`ControlResponse::Records`].
+    PieceRecords {
+        host: HostId,
+        task: TaskId,
+        pieces: Vec<PieceIndex>,
+    },
     /// "What should I pre-warm?", with how far the host got on what it was given.
     /// Answered with [`ControlResponse::Prewarm`].
     PrewarmPoll {
@@ -154,6 +161,12 @@ pub enum PieceSource {
     Origin,
     /// The origin can't do Range: this host fetches the whole content once, in order.
     OriginWhole,
+    /// Nobody holds the piece yet, but `parent` is fetching it from the origin now: take
+    /// its bytes as they land instead of waiting for it to finish, so relaying starts
+    /// with the origin's first byte. No digest is recorded yet; the bytes count only once
+    /// they match the record the parent makes when it is done (ask with
+    /// [`ControlRequest::PieceRecords`]).
+    Landing { parent: ParentRef },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +205,8 @@ pub enum ControlResponse {
     /// Pre-warm work for the polling host: everything it should hold now (work it
     /// already has is listed again; work no longer listed is cancelled).
     Prewarm(Vec<crate::prewarm::PrewarmWork>),
+    /// Recorded digests, for [`ControlRequest::PieceRecords`].
+    Records(Vec<PieceRecord>),
     Error {
         code: ControlErrorCode,
         message: String,
@@ -246,6 +261,9 @@ impl Frame for ControlRequest {
             ControlRequest::PrewarmPoll { progress, .. } => {
                 check(progress.len() <= MAX_PREWARM_WORK, "prewarm progress count")
             }
+            ControlRequest::PieceRecords { pieces, .. } => {
+                check(pieces.len() <= MAX_ASSIGNMENTS as usize, "piece list")
+            }
             ControlRequest::ReportLayout { .. }
             | ControlRequest::Heartbeat { .. }
             | ControlRequest::PieceFailed { .. }
@@ -281,6 +299,9 @@ impl Frame for ControlResponse {
                 w.len() <= MAX_PREWARM_WORK && w.iter().all(|w| w.url.len() <= MAX_URL_LEN),
                 "prewarm work",
             ),
+            ControlResponse::Records(r) => {
+                check(r.len() <= MAX_ASSIGNMENTS as usize, "record count")
+            }
             ControlResponse::Ack | ControlResponse::Error { .. } => Ok(()),
         }
     }

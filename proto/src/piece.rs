@@ -1,6 +1,7 @@
 //! Piece transfer between daemons. One QUIC bidirectional stream carries one piece: the
 //! requester sends a [`PieceRequest`] frame; the server answers a [`PieceResponse`] frame
-//! and, for `Data`, exactly `len` raw bytes after it, then finishes the stream.
+//! and, for `Data` or `Landing`, exactly `len` raw bytes after it, then finishes the
+//! stream.
 //!
 //! The digest a server sends is informational; the requester checks the bytes against the
 //! supernode's record, never against what the sender claims.
@@ -30,6 +31,10 @@ pub enum PieceResponse {
     Busy,
     /// The server found its stored copy damaged and dropped it.
     Corrupt,
+    /// The server is fetching the piece from the origin: `len` bytes follow as they land,
+    /// and the stream finishes once the server's digest is recorded at the supernode (it
+    /// is reset if the fetch fails). The requester checks them against that record.
+    Landing { len: u32 },
 }
 
 impl Frame for PieceRequest {
@@ -43,7 +48,9 @@ impl Frame for PieceResponse {
     const MAX_LEN: usize = MAX_PIECE_FRAME;
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
-            PieceResponse::Data { len, .. } if *len > MAX_PIECE_SIZE => {
+            PieceResponse::Data { len, .. } | PieceResponse::Landing { len }
+                if *len > MAX_PIECE_SIZE =>
+            {
                 Err(ValidationError("piece length over MAX_PIECE_SIZE"))
             }
             _ => Ok(()),

@@ -163,6 +163,12 @@ fn main() {
                         assert!(!parents.is_empty() && parents.iter().all(|x| x.host != p.host));
                         got_peer.push(rec);
                     }
+                    // Leases end within the same step here, so this is rare; the
+                    // lessee is never its own relay.
+                    PieceSource::Landing { parent } => {
+                        assert!(parent.host != p.host);
+                        got_peer.push(rec);
+                    }
                 }
             }
             for (src, recs) in [

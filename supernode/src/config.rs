@@ -41,6 +41,7 @@ pub struct SchedulerFile {
     pub origin_leases_per_task: Option<u32>,
     pub in_order_lookahead: Option<u32>,
     pub parents_per_piece: Option<usize>,
+    pub landing_relays: Option<u32>,
     pub min_piece_size: Option<u32>,
     pub max_piece_size: Option<u32>,
 }
@@ -85,6 +86,7 @@ impl SchedulerFile {
                 .max(1),
             in_order_lookahead: self.in_order_lookahead.unwrap_or(d.in_order_lookahead),
             parents_per_piece: self.parents_per_piece.unwrap_or(d.parents_per_piece).max(1),
+            landing_relays: self.landing_relays.unwrap_or(d.landing_relays),
             min_piece_size: self.min_piece_size.unwrap_or(d.min_piece_size),
             max_piece_size: self.max_piece_size.unwrap_or(d.max_piece_size),
         };

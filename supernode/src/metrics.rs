@@ -22,6 +22,7 @@ pub struct Metrics {
     pub decision_seconds: Histogram,
     pub origin_assignments: Counter,
     pub parent_assignments: Counter,
+    pub landing_assignments: Counter,
     pub hosts_expired: Counter,
 }
 
@@ -62,6 +63,12 @@ impl Default for Metrics {
             "Pieces assigned to parents",
             parent_assignments.clone(),
         );
+        let landing_assignments = Counter::default();
+        registry.register(
+            "landing_assignments",
+            "Pieces assigned to be taken from an origin fetch while it lands",
+            landing_assignments.clone(),
+        );
         let hosts_expired = Counter::default();
         registry.register(
             "hosts_expired",
@@ -77,6 +84,7 @@ impl Default for Metrics {
             decision_seconds,
             origin_assignments,
             parent_assignments,
+            landing_assignments,
             hosts_expired,
         }
     }

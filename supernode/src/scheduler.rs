@@ -47,6 +47,10 @@ pub const DEFAULT_ORIGIN_LEASES_PER_TASK: u32 = 8;
 pub const DEFAULT_IN_ORDER_LOOKAHEAD: u32 = 4;
 /// Parents listed per piece (best first); the downloader falls back down the list.
 pub const DEFAULT_PARENTS_PER_PIECE: usize = 4;
+/// Peers sent to take one origin fetch's bytes from its lessee while they land. Relaying
+/// then starts with the origin's first byte instead of a whole piece later; on 16 hosts
+/// the hosts' links were otherwise mostly idle for the first second of a cold fetch.
+pub const DEFAULT_LANDING_RELAYS: u32 = 3;
 /// Corrupt-piece reports after which a host is not offered as a parent for a while.
 const BAD_PIECE_QUARANTINE_AFTER: u32 = 3;
 /// How long a host that keeps sending corrupt pieces is skipped as a parent.
@@ -69,6 +73,9 @@ pub struct SchedulerConfig {
     pub origin_leases_per_task: u32,
     pub in_order_lookahead: u32,
     pub parents_per_piece: usize,
+    /// Peers that may take one origin fetch's bytes from its lessee as they land
+    /// ([`PieceSource::Landing`]); 0 turns that off.
+    pub landing_relays: u32,
     pub min_piece_size: u32,
     pub max_piece_size: u32,
 }
@@ -83,6 +90,7 @@ impl Default for SchedulerConfig {
             origin_leases_per_task: DEFAULT_ORIGIN_LEASES_PER_TASK,
             in_order_lookahead: DEFAULT_IN_ORDER_LOOKAHEAD,
             parents_per_piece: DEFAULT_PARENTS_PER_PIECE,
+            landing_relays: DEFAULT_LANDING_RELAYS,
             min_piece_size: DEFAULT_MIN_PIECE_SIZE,
             max_piece_size: DEFAULT_MAX_PIECE_SIZE,
         }
@@ -133,9 +141,19 @@ pub struct TaskRecord {
 struct Lease {
     host: HostId,
     expires: Instant,
+    /// Peers sent to take this fetch's bytes as they land.
+    relays: u32,
 }
 
 impl Lease {
+    fn new(host: HostId, expires: Instant) -> Self {
+        Self {
+            host,
+            expires,
+            relays: 0,
+        }
+    }
+
     fn live(&self, now: Instant) -> bool {
         self.expires > now
     }
@@ -516,6 +534,29 @@ impl Scheduler {
         })
     }
 
+    /// The recorded digests among `pieces`: what a peer that took a piece's bytes as they
+    /// landed checks them against.
+    pub fn piece_records(
+        &mut self,
+        host: &HostId,
+        task_id: TaskId,
+        pieces: &[PieceIndex],
+        now: Instant,
+    ) -> Result<Vec<PieceRecord>, SchedError> {
+        self.touch(host, now)?;
+        let task = self
+            .tasks
+            .get(&task_id)
+            .ok_or(SchedError::UnknownTask(task_id))?;
+        Ok(pieces
+            .iter()
+            .filter_map(|&piece| {
+                let digest = (*task.record.digests.get(piece.0 as usize)?)?;
+                Some(PieceRecord { piece, digest })
+            })
+            .collect())
+    }
+
     /// What is known of a task, without registering anyone for it.
     pub fn task_view(&self, task: &TaskId) -> Option<TaskView> {
         self.tasks.get(task).map(|t| TaskView {
@@ -535,10 +576,7 @@ impl Scheduler {
         match &task.probe {
             Some(l) if l.live(now) => &l.host == host,
             _ => {
-                task.probe = Some(Lease {
-                    host: host.clone(),
-                    expires: now + cfg.probe_lease,
-                });
+                task.probe = Some(Lease::new(host.clone(), now + cfg.probe_lease));
                 true
             }
         }
@@ -577,10 +615,7 @@ impl Scheduler {
         if !supports_range {
             // The prober already holds the origin's whole body (its probe got a 200), so
             // it streams the content; nobody else asks the origin meanwhile.
-            task.whole_lease = Some(Lease {
-                host: host.clone(),
-                expires: now + self.cfg.origin_lease,
-            });
+            task.whole_lease = Some(Lease::new(host.clone(), now + self.cfg.origin_lease));
         }
         task.record.digests = vec![None; layout.piece_count() as usize];
         task.probe = None;
@@ -908,10 +943,7 @@ impl Scheduler {
                     // else to hand out from the origin.
                     Some(l) if l.live(now) && (busy.contains(piece) || whole_assigned) => continue,
                     _ => {
-                        task.whole_lease = Some(Lease {
-                            host: host.clone(),
-                            expires: now + cfg.origin_lease,
-                        });
+                        task.whole_lease = Some(Lease::new(host.clone(), now + cfg.origin_lease));
                         assignments.push(Assignment {
                             piece,
                             source: PieceSource::OriginWhole,
@@ -922,19 +954,33 @@ impl Scheduler {
                     }
                 }
             }
-            match task.origin_leases.get(&piece) {
-                Some(l) if l.live(now) => continue,
+            match task.origin_leases.get_mut(&piece) {
+                Some(l) if l.live(now) => {
+                    // Someone is fetching it from the origin: take its bytes as they land.
+                    if &l.host != host
+                        && l.relays < cfg.landing_relays
+                        && let Some(lessee) = self.hosts.get(&l.host)
+                        && lessee.usable_parent(now)
+                    {
+                        l.relays += 1;
+                        assignments.push(Assignment {
+                            piece,
+                            source: PieceSource::Landing {
+                                parent: ParentRef {
+                                    host: l.host.clone(),
+                                    addr: lessee.info.peer_addr,
+                                },
+                            },
+                        });
+                    }
+                    continue;
+                }
                 _ if held_leases >= host_lease_cap || task_leases >= cfg.origin_leases_per_task => {
                     continue;
                 }
                 _ => {
-                    task.origin_leases.insert(
-                        piece,
-                        Lease {
-                            host: host.clone(),
-                            expires: now + cfg.origin_lease,
-                        },
-                    );
+                    task.origin_leases
+                        .insert(piece, Lease::new(host.clone(), now + cfg.origin_lease));
                     held_leases += 1;
                     task_leases += 1;
                     assignments.push(Assignment {
@@ -1163,6 +1209,8 @@ mod tests {
             min_piece_size: PS,
             max_piece_size: PS,
             origin_leases_per_task: TASK_BUDGET,
+            // Off except in the tests of it, so the others see origin leases alone.
+            landing_relays: 0,
             ..Default::default()
         }
     }
@@ -1302,6 +1350,93 @@ mod tests {
         let (mut s, now) = setup(1, 16, true);
         let r = schedule(&mut s, 0, &PieceSet::new(16), now);
         assert_eq!(r.assignments.len(), TASK_BUDGET as usize);
+    }
+
+    #[test]
+    fn peers_take_an_origin_fetch_as_it_lands_then_check_the_record() {
+        let (mut s, now) = setup(6, 1, true);
+        s.cfg.landing_relays = 3;
+        let r = schedule(&mut s, 0, &PieceSet::new(1), now);
+        assert_eq!(r.assignments[0].source, PieceSource::Origin);
+        // The lessee is not sent to itself.
+        assert!(
+            schedule(&mut s, 0, &PieceSet::new(1), now)
+                .assignments
+                .is_empty()
+        );
+        let lessee = ParentRef {
+            host: host(0),
+            addr: info(0, &[]).peer_addr,
+        };
+        for h in 1..4 {
+            let r = schedule(&mut s, h, &PieceSet::new(1), now);
+            assert_eq!(
+                r.assignments,
+                vec![Assignment {
+                    piece: PieceIndex(0),
+                    source: PieceSource::Landing {
+                        parent: lessee.clone()
+                    },
+                }]
+            );
+        }
+        // Three relays per fetch: the fourth asker waits for a holder.
+        assert!(
+            schedule(&mut s, 4, &PieceSet::new(1), now)
+                .assignments
+                .is_empty()
+        );
+        // Nothing to check against until the lessee announces.
+        assert_eq!(
+            s.piece_records(&host(1), task(), &[PieceIndex(0)], now),
+            Ok(vec![])
+        );
+        let rec = [PieceRecord {
+            piece: PieceIndex(0),
+            digest: digest(0),
+        }];
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &rec, now)
+            .unwrap();
+        assert_eq!(
+            s.piece_records(&host(1), task(), &[PieceIndex(0), PieceIndex(7)], now),
+            Ok(rec.to_vec())
+        );
+        let r = schedule(&mut s, 4, &PieceSet::new(1), now);
+        assert!(matches!(
+            &r.assignments[0].source,
+            PieceSource::Parents { digest: d, parents } if *d == digest(0) && parents[0].host == host(0)
+        ));
+    }
+
+    #[test]
+    fn no_landing_relays_when_turned_off_or_the_lessee_is_suspect() {
+        let (mut s, now) = setup(3, 1, true);
+        schedule(&mut s, 0, &PieceSet::new(1), now);
+        assert!(
+            schedule(&mut s, 1, &PieceSet::new(1), now)
+                .assignments
+                .is_empty()
+        );
+        s.cfg.landing_relays = 3;
+        s.handle_piece_failed(
+            &host(2),
+            task(),
+            PieceIndex(0),
+            Some(&host(0)),
+            PieceFailure::Unreachable,
+            now,
+        )
+        .unwrap();
+        assert!(
+            schedule(&mut s, 2, &PieceSet::new(1), now)
+                .assignments
+                .is_empty()
+        );
+        let later = now + UNREACHABLE_FOR + Duration::from_millis(1);
+        assert!(matches!(
+            schedule(&mut s, 2, &PieceSet::new(1), later).assignments[0].source,
+            PieceSource::Landing { .. }
+        ));
     }
 
     #[test]
@@ -1608,7 +1743,9 @@ mod tests {
                             origin_fetches += 1;
                             AnnounceSource::Origin
                         }
-                        PieceSource::Parents { .. } => AnnounceSource::Peer,
+                        PieceSource::Parents { .. } | PieceSource::Landing { .. } => {
+                            AnnounceSource::Peer
+                        }
                         PieceSource::OriginWhole => unreachable!(),
                     };
                     have_h.insert(a.piece);

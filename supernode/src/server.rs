@@ -304,6 +304,7 @@ fn kind(req: &ControlRequest) -> &'static str {
         ControlRequest::PieceFailed { .. } => "piece_failed",
         ControlRequest::Leave { .. } => "leave",
         ControlRequest::PrewarmPoll { .. } => "prewarm_poll",
+        ControlRequest::PieceRecords { .. } => "piece_records",
     }
 }
 
@@ -366,6 +367,7 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                             PieceSource::Origin | PieceSource::OriginWhole => {
                                 shared.metrics.origin_assignments.inc()
                             }
+                            PieceSource::Landing { .. } => shared.metrics.landing_assignments.inc(),
                         };
                     }
                     ControlResponse::Schedule(r)
@@ -383,6 +385,9 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 s.handle_piece_failed(&host, task, piece, parent.as_ref(), reason, now)
                     .map(|()| ControlResponse::Ack)
             }
+            ControlRequest::PieceRecords { host, task, pieces } => s
+                .piece_records(&host, task, &pieces, now)
+                .map(ControlResponse::Records),
             ControlRequest::Leave { host, task } => {
                 s.handle_leave(&host, task);
                 Ok(ControlResponse::Ack)
