@@ -384,20 +384,12 @@ mod tests {
         );
     }
 
-    /// The TOML a Kubernetes manifest carries under `data: <key>: |` (indented 4).
-    fn manifest_toml(yaml: &str, key: &str) -> String {
-        yaml.lines()
-            .skip_while(|l| l.trim() != format!("{key}: |"))
-            .skip(1)
-            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
-            .map(|l| l.strip_prefix("    ").unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
     #[test]
     fn shipped_manifest_config_is_valid() {
-        let text = manifest_toml(include_str!("../../deploy/dfdaemon.yaml"), "dfdaemon.toml");
+        let text = supernode::config::manifest_toml(
+            include_str!("../../deploy/dfdaemon.yaml"),
+            "dfdaemon.toml",
+        );
         assert!(text.contains("udp_receive_buffer"), "{text}");
         let file: FileConfig = toml::from_str(&text).unwrap();
         let cfg = DaemonConfig::resolve(file, Overrides::default()).unwrap();

@@ -21,6 +21,11 @@ use bytes::Bytes;
 use proto::{PieceIndex, TaskId};
 use tokio::sync::{Notify, watch};
 
+/// Readers are woken once this much has landed since the last wake (and at the end): the
+/// origin's body comes in chunks of a few KiB, and writing each to QUIC as it came made
+/// part-filled packets (8% more packets on the hosts' links in the 16-host bench).
+const WAKE_EVERY: usize = 64 * 1024;
+
 /// How a landing ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LandingEnd {
@@ -35,6 +40,8 @@ pub struct LandingState {
     /// The body so far, in the origin's chunks (shared, not copied, with the readers).
     pub chunks: Vec<Bytes>,
     pub end: Option<LandingEnd>,
+    /// Bytes landed since readers were last woken.
+    unannounced: usize,
 }
 
 /// One piece being fetched from the origin.
@@ -45,7 +52,15 @@ pub struct Landing {
 
 impl Landing {
     pub fn push(&self, chunk: Bytes) {
-        self.state.send_modify(|s| s.chunks.push(chunk));
+        self.state.send_if_modified(|s| {
+            s.unannounced += chunk.len();
+            s.chunks.push(chunk);
+            let wake = s.unannounced >= WAKE_EVERY;
+            if wake {
+                s.unannounced = 0;
+            }
+            wake
+        });
     }
 
     pub fn subscribe(&self) -> watch::Receiver<LandingState> {
@@ -203,16 +218,20 @@ mod tests {
     async fn readers_see_chunks_then_the_end() {
         let l = Arc::new(Landings::default());
         let _g = l.task(task());
-        let landing = l.begin(task(), PieceIndex(3), 6);
+        let landing = l.begin(task(), PieceIndex(3), (6 + WAKE_EVERY) as u32);
         let mut rx = landing.subscribe();
         landing.push(Bytes::from_static(b"abc"));
+        // Too little to wake anyone for; a big chunk does.
+        assert!(!rx.has_changed().unwrap());
+        landing.push(Bytes::from(vec![0u8; WAKE_EVERY]));
         rx.changed().await.unwrap();
-        assert_eq!(rx.borrow_and_update().chunks.len(), 1);
+        assert_eq!(rx.borrow_and_update().chunks.len(), 2);
         landing.push(Bytes::from_static(b"def"));
         l.recorded(&task(), PieceIndex(3));
         rx.changed().await.unwrap();
         let s = rx.borrow_and_update().clone();
-        assert_eq!(s.chunks.concat(), b"abcdef");
+        assert_eq!(s.chunks.concat().len(), 6 + WAKE_EVERY);
+        assert!(s.chunks.concat().ends_with(b"def"));
         assert_eq!(s.end, Some(LandingEnd::Recorded));
         // Recorded landings are served from the store, not from here.
         assert!(l.get(&task(), PieceIndex(3)).is_none());

@@ -112,7 +112,12 @@ async fn serve_stream(
         Ok(r) => r?,
         Err(_) => return Ok(()),
     };
-    if let Some(landing) = ctx.landings.get(&req.task, req.piece) {
+    // A piece just stored may still be listed as landing for a moment (until the
+    // supernode's answer to its announce arrives): the stored copy goes first.
+    let recent = ctx.store.recent_piece(&req.task, req.piece);
+    if recent.is_none()
+        && let Some(landing) = ctx.landings.get(&req.task, req.piece)
+    {
         return serve_landing(send, landing, &ctx).await;
     }
     let Ok(permit) = ctx.slots.try_acquire() else {
@@ -121,7 +126,7 @@ async fn serve_stream(
         send.finish()?;
         return Ok(());
     };
-    let read = match ctx.store.recent_piece(&req.task, req.piece) {
+    let read = match recent {
         Some(hit) => Ok(Ok(hit)),
         None => {
             let store = ctx.store.clone();
@@ -338,14 +343,10 @@ impl PeerClient {
             let got = match header {
                 PieceResponse::Data { len: got, .. } => got,
                 PieceResponse::Landing { len: got } if landing => got,
-                // Bytes nobody can check yet, offered to a requester that expects a
-                // stored piece: no.
-                PieceResponse::Landing { .. } => {
-                    return Err(PeerError::Stream {
-                        addr,
-                        reason: "sent a piece still landing".into(),
-                    });
-                }
+                // Bytes nobody can check yet, offered to a requester that wants a stored
+                // piece: not taken. The parent is about to have it stored (it was sent
+                // here as a holder), so this is "ask again shortly", like busy.
+                PieceResponse::Landing { .. } => return Err(PeerError::Busy { addr }),
                 PieceResponse::NotFound => return Err(PeerError::NotFound { addr }),
                 PieceResponse::Busy => return Err(PeerError::Busy { addr }),
                 PieceResponse::Corrupt => return Err(PeerError::RemoteCorrupt { addr }),

@@ -183,7 +183,7 @@ async fn a_landing_piece_streams_as_it_lands_and_ends_with_its_record() {
             .client
             .fetch(pair.addr, task, PieceIndex(0), len, Sha256Digest::of(&body))
             .await;
-        assert!(matches!(plain, Err(PeerError::Stream { .. })), "{plain:?}");
+        assert!(matches!(plain, Err(PeerError::Busy { .. })), "{plain:?}");
         // Every byte is out, but the landing requester must wait for the record.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let at = Instant::now();

@@ -105,6 +105,19 @@ impl SchedulerFile {
     }
 }
 
+/// The TOML a Kubernetes manifest carries under `data: <key>: |` (indented 4), so the
+/// shipped manifests' configs are tested like any other (the daemon's tests use it too).
+#[doc(hidden)]
+pub fn manifest_toml(yaml: &str, key: &str) -> String {
+    yaml.lines()
+        .skip_while(|l| l.trim() != format!("{key}: |"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The resolved configuration the supernode runs with.
 #[derive(Debug, Clone)]
 pub struct SupernodeConfig {
@@ -130,5 +143,28 @@ impl SupernodeConfig {
             plain_http_registries: Vec::new(),
             scheduler: SchedulerConfig::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_manifest_config_is_valid() {
+        let text = manifest_toml(
+            include_str!("../../deploy/supernode.yaml"),
+            "supernode.toml",
+        );
+        assert!(text.contains("landing_relays"), "{text}");
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        let mut errors = Vec::new();
+        let cfg = file.scheduler.resolve(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(cfg.landing_relays, 3);
+        assert_eq!(cfg.origin_leases_per_task, 8);
+        let off: FileConfig = toml::from_str("[scheduler]\nlanding_relays = 0").unwrap();
+        assert_eq!(off.scheduler.resolve(&mut errors).landing_relays, 0);
+        assert!(toml::from_str::<FileConfig>("[scheduler]\nlanding_relay = 1").is_err());
     }
 }
