@@ -6,8 +6,9 @@
 //! 2. register with the supernode; learn the layout and the recorded piece digests (or
 //!    probe the origin, when the supernode hands this peer the probe lease);
 //! 3. loop: ask the supernode for assignments, run up to `concurrent_pieces` fetch jobs
-//!    (parents over QUIC, or the origin by Range under a lease), each of which verifies
-//!    and stores its piece; announce pieces as they land so others can fetch them at once;
+//!    (parents over QUIC, the origin by Range under a lease, or another host's origin
+//!    fetch while it lands, see [`crate::landing`]), each of which verifies and stores
+//!    its piece; announce pieces as they land so others can fetch them at once;
 //! 4. check the whole-content digest when one is expected.
 //!
 //! If the supernode stops answering, the driver carries on by itself: digests and parents
@@ -79,6 +80,10 @@ const SUPERNODE_GRACE: Duration = Duration::from_secs(3);
 const MAX_PIECE_ATTEMPTS: u32 = 12;
 /// How long the last fetch jobs get to report after every piece is stored.
 const JOB_DRAIN: Duration = Duration::from_secs(5);
+/// A piece taken while it landed is checked against its record, asked for up to this
+/// many times, this far apart.
+const RECORD_ATTEMPTS: u32 = 5;
+const RECORD_RETRY: Duration = Duration::from_millis(200);
 /// Rounds through a piece's parents while all of them answer `Busy`.
 const BUSY_ROUNDS: u32 = 4;
 /// Wait before the next round, times the round number.
@@ -1193,25 +1198,41 @@ impl Engine {
                 self.metrics.failed("busy");
                 return failed(true);
             }
+            // The parent's origin fetch was slow, which says nothing against the parent.
+            Err(PeerError::Timeout { .. }) => {
+                self.metrics.failed("landing_timeout");
+                return failed(false);
+            }
             Err(e) => {
                 self.parent_failed(id, piece, parent, &e).await;
                 return failed(false);
             }
         };
-        let records = self
-            .control
-            .call(&ControlRequest::PieceRecords {
-                host: self.control.host().clone(),
-                task: id,
-                pieces: vec![piece],
-            })
-            .await;
-        let recorded = match records {
-            Ok(ControlResponse::Records(r)) => {
-                r.iter().find(|r| r.piece == piece).map(|r| r.digest)
+        let mut recorded = None;
+        for attempt in 0..RECORD_ATTEMPTS {
+            if attempt > 0 {
+                // The parent had the piece stored before its record was made (it answered
+                // from the store): the announce is a moment behind.
+                tokio::time::sleep(RECORD_RETRY).await;
             }
-            Ok(_) | Err(_) => None,
-        };
+            let records = self
+                .control
+                .call(&ControlRequest::PieceRecords {
+                    host: self.control.host().clone(),
+                    task: id,
+                    pieces: vec![piece],
+                })
+                .await;
+            recorded = match records {
+                Ok(ControlResponse::Records(r)) => {
+                    r.iter().find(|r| r.piece == piece).map(|r| r.digest)
+                }
+                Ok(_) | Err(_) => None,
+            };
+            if recorded.is_some() {
+                break;
+            }
+        }
         match recorded {
             Some(d) if d == actual => {
                 self.metrics.landing_pieces.inc();

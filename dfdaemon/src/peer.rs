@@ -9,8 +9,9 @@
 //! finishes only once the digest they must match is recorded at the supernode.
 //!
 //! Client: one connection per parent, reused; the answer's length is checked against the
-//! layout before reading, and the bytes against the supernode's digest after (for a
-//! landing piece, against the record fetched once the parent has made it).
+//! layout before reading, and the bytes against the supernode's digest after (a landing
+//! piece comes back with its digest, and the download engine checks that against the
+//! record once the parent has made it).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -219,7 +220,8 @@ async fn serve_landing(
         }
         match tokio::time::timeout_at(deadline, rx.changed()).await {
             Ok(Ok(())) => {}
-            // The fetch was dropped without an end, or is too slow to be worth waiting for.
+            // Too slow to be worth waiting for (the sender can't be gone: `landing` holds
+            // it, and every landing is ended before it is dropped).
             Ok(Err(_)) | Err(_) => {
                 let _ = send.reset(LANDING_FAILED);
                 return Ok(());
@@ -339,7 +341,11 @@ impl PeerClient {
             let header: PieceResponse = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv))
                 .await
                 .map_err(|_| PeerError::Timeout { addr })?
-                .map_err(frame)?;
+                .map_err(|e| match e {
+                    // A landing that failed at once: the reset can overtake the header.
+                    FrameIoError::Read(quinn::ReadExactError::ReadError(e)) => read_error(e),
+                    e => frame(e),
+                })?;
             let got = match header {
                 PieceResponse::Data { len: got, .. } => got,
                 PieceResponse::Landing { len: got } if landing => got,
