@@ -211,7 +211,9 @@ async fn a_landing_piece_streams_as_it_lands_and_ends_with_its_record() {
     // Failing before a byte landed: the reset may overtake the answer's header, and it
     // still reads as "not found" (a broken stream would count against the parent).
     landings.begin(task, PieceIndex(3), len);
-    let fetch = pair.client.fetch_landing(pair.addr, task, PieceIndex(3), len);
+    let fetch = pair
+        .client
+        .fetch_landing(pair.addr, task, PieceIndex(3), len);
     let fail = async {
         tokio::task::yield_now().await;
         landings.failed(&task, PieceIndex(3));
