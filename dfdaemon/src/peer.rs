@@ -123,9 +123,7 @@ async fn serve_stream(
     }
     let Ok(permit) = ctx.slots.try_acquire() else {
         ctx.metrics.upload_busy.inc();
-        write_frame(&mut send, &PieceResponse::Busy).await?;
-        send.finish()?;
-        return Ok(());
+        return answer(send, &PieceResponse::Busy).await;
     };
     let read = match recent {
         Some(hit) => Ok(Ok(hit)),
@@ -157,6 +155,7 @@ async fn serve_stream(
             // Wait for the peer to take the data before releasing the slot, so the slot
             // count really bounds concurrent uploads.
             let _ = tokio::time::timeout(PIECE_TIMEOUT, send.stopped()).await;
+            Ok(())
         }
         Err(PieceResponse::NotFound) if ctx.landings.is_active(&req.task) => {
             drop(permit);
@@ -167,21 +166,23 @@ async fn serve_stream(
                 .wait_for(&req.task, req.piece, LANDING_WAIT)
                 .await
             {
-                Some(landing) => return serve_landing(send, landing, &ctx).await,
-                None => {
-                    write_frame(&mut send, &PieceResponse::NotFound).await?;
-                    send.finish()?;
-                }
+                Some(landing) => serve_landing(send, landing, &ctx).await,
+                None => answer(send, &PieceResponse::NotFound).await,
             }
         }
         Err(r) => {
             if r == PieceResponse::Corrupt {
                 ctx.metrics.corrupt_local_pieces.inc();
             }
-            write_frame(&mut send, &r).await?;
-            send.finish()?;
+            answer(send, &r).await
         }
     }
+}
+
+/// Answers a request with one frame and no data.
+async fn answer(mut send: quinn::SendStream, resp: &PieceResponse) -> Result<(), FrameIoError> {
+    write_frame(&mut send, resp).await?;
+    send.finish()?;
     Ok(())
 }
 
@@ -193,9 +194,7 @@ async fn serve_landing(
 ) -> Result<(), FrameIoError> {
     let Ok(_permit) = ctx.landing_slots.try_acquire() else {
         ctx.metrics.upload_busy.inc();
-        write_frame(&mut send, &PieceResponse::Busy).await?;
-        send.finish()?;
-        return Ok(());
+        return answer(send, &PieceResponse::Busy).await;
     };
     write_frame(&mut send, &PieceResponse::Landing { len: landing.len }).await?;
     let mut rx = landing.subscribe();

@@ -6,6 +6,7 @@
 //!   sent for exactly that takes it.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,9 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(ca: &ClusterCa, store: Arc<Store>, landings: Arc<Landings>) -> Self {
+    /// With a cluster CA made in `dir`.
+    fn start(dir: &Path, store: Arc<Store>, landings: Arc<Landings>) -> Self {
+        let ca = ClusterCa::load_or_create(&dir.join("ca.pem"), &dir.join("ca-key.pem")).unwrap();
         let server_id = ca.issue(&[proto::PEER_SERVER_NAME]).unwrap();
         let server = quinn::Endpoint::server(
             ca.server_config(&server_id, proto::PEER_ALPN).unwrap(),
@@ -80,8 +83,6 @@ impl Pair {
 #[tokio::test]
 async fn requester_rejects_bytes_that_do_not_match_the_record() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = ClusterCa::load_or_create(&dir.path().join("ca.pem"), &dir.path().join("ca-key.pem"))
-        .unwrap();
 
     // The lying parent: stores garbage for piece 0 under the garbage's own digest, so its
     // read-side check passes and it serves the garbage as if it were good.
@@ -107,7 +108,7 @@ async fn requester_rejects_bytes_that_do_not_match_the_record() {
         )
         .unwrap();
 
-    let pair = Pair::start(&ca, store.clone(), Arc::new(Landings::default()));
+    let pair = Pair::start(dir.path(), store.clone(), Arc::new(Landings::default()));
     let (addr, client) = (pair.addr, &pair.client);
 
     // Against the real record the bytes are refused...
@@ -153,11 +154,9 @@ async fn requester_rejects_bytes_that_do_not_match_the_record() {
 #[tokio::test]
 async fn a_landing_piece_streams_as_it_lands_and_ends_with_its_record() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = ClusterCa::load_or_create(&dir.path().join("ca.pem"), &dir.path().join("ca-key.pem"))
-        .unwrap();
     let store = Store::open(&dir.path().join("parent"), u64::MAX).unwrap();
     let landings = Arc::new(Landings::default());
-    let pair = Pair::start(&ca, store, landings.clone());
+    let pair = Pair::start(dir.path(), store, landings.clone());
     let task = TaskId::for_url("http://origin/file", &[], None);
     let _downloading = landings.task(task);
     let body: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
