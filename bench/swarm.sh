@@ -21,6 +21,8 @@
 #                               CPUs, so each host has a fraction of one (aria2c runs one thread)
 #                 CPU_LIMIT=1.5  hold everything the harness starts to this many CPUs (a cgroup
 #                               cpu quota): a slower or busier machine, on demand
+#                 ORIGIN_CC=cubic  TCP congestion control of the origin's namespace (nginx and
+#                               the BitTorrent seeder); default: what the machine uses
 #                 WAIT_IDLE=S   before each variant wait up to S s for the machine to be
 #                               under IDLE_BUSY % (default 25) busy (other builds skew results)
 # --quick:        N=4 F_MIB=64 VARIANTS=dfp2p BENCH_MD=0 (for CI). In every mode the exit
@@ -32,7 +34,7 @@ QUICK=0
 for a in "$@"; do
     case "$a" in
         --quick) QUICK=1 ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "swarm.sh: unknown argument: $a" >&2; exit 2 ;;
     esac
 done
@@ -50,6 +52,7 @@ U_MBIT=${U_MBIT:-}
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-}
 DAEMON_THREADS=${DAEMON_THREADS:-1}
 CPU_LIMIT=${CPU_LIMIT:-}
+ORIGIN_CC=${ORIGIN_CC:-}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -62,7 +65,7 @@ PY=${PYTHON:-/usr/bin/python3}
 [ -x "$PY" ] || PY=$(command -v python3)
 HELPER="$HERE/swarm_report.py"
 CMDLINE="$(printf '%s ' N="$N" F_MIB="$F_MIB" RATE="$RATE" VARIANTS="$VARIANTS")"
-for _v in U_MBIT CPU_LIMIT VARIANT_TIMEOUT WAIT_IDLE IDLE_BUSY; do
+for _v in U_MBIT CPU_LIMIT ORIGIN_CC VARIANT_TIMEOUT WAIT_IDLE IDLE_BUSY; do
     [ -n "${!_v:-}" ] && CMDLINE+="$_v=${!_v} "
 done
 CMDLINE+="bench/swarm.sh$( [ "$QUICK" = 1 ] && echo ' --quick')"
@@ -248,6 +251,11 @@ setup_network() {
     ip -n "$BR_NS" link add br0 type bridge || die "cannot create bridge"
     ip -n "$BR_NS" link set br0 up
     add_node "$ORIGIN_NS" "$ORIGIN_IP" 1 || die "origin namespace setup failed"
+    if [ -n "$ORIGIN_CC" ]; then
+        # Per route: a namespace may only pick from the host's allowed list by sysctl.
+        ip -n "$ORIGIN_NS" route replace 10.77.0.0/16 dev eth0 src "$ORIGIN_IP" congctl "$ORIGIN_CC" \
+            || die "ORIGIN_CC=$ORIGIN_CC: not one of $(cat /proc/sys/net/ipv4/tcp_available_congestion_control)"
+    fi
     add_node "$CTL_NS" "$CTL_IP" 0 || die "control namespace setup failed"
     local i
     for i in $(seq "$N"); do
@@ -284,6 +292,9 @@ wait_until() {  # seconds description cmd...
 }
 
 origin_tx() { ip netns exec "$ORIGIN_NS" cat /sys/class/net/eth0/statistics/tx_bytes; }
+# "bytes segments" the origin's htb sent. Unlike the veth's tx_bytes, which counts one
+# header per GSO batch, the qdisc counts every segment with its headers, as a wire would.
+origin_qdisc_tx() { tc -n "$ORIGIN_NS" -s qdisc show dev eth0 | awk '/Sent/ { print $2, $4; exit }'; }
 origin_tcp() {   # "OutSegs RetransSegs" of the origin namespace's TCP
     ip netns exec "$ORIGIN_NS" awk '/^Tcp:/ { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 }
         else print $c["OutSegs"], $c["RetransSegs"] }' /proc/net/snmp
@@ -431,6 +442,7 @@ start_sampler() {   # 1-s /proc/stat samples during the variant
 
 go_now() {   # record counters and release all jobs
     meta tx0 "$(origin_tx)"
+    meta qtx0 "$(origin_qdisc_tx)"
     meta tcp0 "$(origin_tcp)"
     meta udpdrop0 "$(hosts_udp_drops)"
     meta acc0 "$(access_lines)"
@@ -447,6 +459,7 @@ end_counters() {
     meta stat1 "$(cpu_line)"
     meta cg1 "$(cg_usage)"
     meta tx1 "$(origin_tx)"
+    meta qtx1 "$(origin_qdisc_tx)"
     meta tcp1 "$(origin_tcp)"
     meta udpdrop1 "$(hosts_udp_drops)"
     meta acc1 "$(access_lines)"

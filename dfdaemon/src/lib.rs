@@ -54,9 +54,10 @@ use crate::peer::PeerClient;
 
 /// Peer connections served at once; each costs a few hundred KiB of QUIC state.
 pub const MAX_PEER_CONNECTIONS: usize = 1024;
-/// Uploads of pieces still landing from the origin at once (the supernode sends a few
-/// peers per origin fetch, and a host has a few origin fetches at most).
-const LANDING_UPLOAD_SLOTS: usize = 12;
+/// Uploads of pieces still landing from the origin at once. The supernode's defaults send
+/// up to 15 peers to one origin fetch, and give a host one fetch in a large swarm, a few
+/// (to fewer peers each) in a small one.
+const LANDING_UPLOAD_SLOTS: usize = 16;
 /// How long shutdown waits for running work before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -225,7 +226,7 @@ impl Daemon {
             landings: landings.clone(),
             control: control.clone(),
             peers,
-            origin: origin::Origin::new(&cfg.mirror.upstream_roots)?,
+            origin: origin::Origin::new(&cfg.mirror.upstream_roots, cfg.reuse_origin_connections)?,
             cfg: cfg.engine.clone(),
             metrics: metrics.clone(),
             tracker: tracker.clone(),

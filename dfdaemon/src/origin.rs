@@ -64,10 +64,19 @@ fn send_error(e: reqwest::Error) -> OriginError {
 
 impl Origin {
     /// `roots`: CA certificates trusted on top of the system's (a private registry's).
-    pub fn new(roots: &[reqwest::Certificate]) -> Result<Self, OriginError> {
+    /// `reuse_connections`: keep connections open between requests; otherwise each
+    /// request gets a connection of its own (see [`crate::config`]'s
+    /// `reuse_origin_connections` for why that is the default).
+    pub fn new(
+        roots: &[reqwest::Certificate],
+        reuse_connections: bool,
+    ) -> Result<Self, OriginError> {
         let mut builder = reqwest::Client::builder();
         for r in roots {
             builder = builder.add_root_certificate(r.clone());
+        }
+        if !reuse_connections {
+            builder = builder.pool_max_idle_per_host(0);
         }
         let client = builder
             .connect_timeout(CONNECT_TIMEOUT)
@@ -207,5 +216,84 @@ impl Origin {
             });
         }
         Ok(Box::pin(resp.bytes_stream().map(|c| c.map_err(send_error))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// A keep-alive HTTP/1.1 server of `content` by Range that counts the connections it
+    /// accepts.
+    async fn range_server(content: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/blob", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (rd, mut wr) = sock.into_split();
+                    let mut rd = BufReader::new(rd);
+                    loop {
+                        let mut range = None;
+                        loop {
+                            let mut line = String::new();
+                            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=")
+                            {
+                                let (a, b) = r.trim().split_once('-').unwrap();
+                                range = Some((
+                                    a.parse::<usize>().unwrap(),
+                                    b.parse::<usize>().unwrap(),
+                                ));
+                            }
+                        }
+                        let (a, b) = range.unwrap();
+                        let head = format!(
+                            "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {a}-{b}/{}\r\n\r\n",
+                            b + 1 - a,
+                            content.len()
+                        );
+                        if wr.write_all(head.as_bytes()).await.is_err()
+                            || wr.write_all(&content[a..=b]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    async fn fetch_twice(reuse: bool) -> usize {
+        static CONTENT: [u8; 8192] = [7; 8192];
+        let (url, accepted) = range_server(&CONTENT).await;
+        let origin = Origin::new(&[], reuse).unwrap();
+        for offset in [0u64, 4096] {
+            let (data, _) = origin
+                .fetch_range(&url, &HeaderMap::new(), offset, 4096, |_| {})
+                .await
+                .unwrap();
+            assert_eq!(&data[..], &CONTENT[..4096]);
+        }
+        accepted.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn each_range_gets_a_connection_of_its_own_unless_reuse_is_asked_for() {
+        assert_eq!(fetch_twice(false).await, 2);
+        assert_eq!(fetch_twice(true).await, 1);
     }
 }
