@@ -59,14 +59,23 @@ pub fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, OriginError
 }
 
 fn send_error(e: reqwest::Error) -> OriginError {
-    OriginError::Unreachable(e.to_string())
+    // reqwest's own message ("error sending request") hides the cause (a timeout, a
+    // reset); the chain names it.
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    OriginError::Unreachable(msg)
 }
 
 impl Origin {
     /// `roots`: CA certificates trusted on top of the system's (a private registry's).
     /// `reuse_connections`: keep connections open between requests; otherwise each
     /// request gets a connection of its own (see [`crate::config`]'s
-    /// `reuse_origin_connections` for why that is the default).
+    /// `reuse_origin_connections` for when that helps).
     pub fn new(
         roots: &[reqwest::Certificate],
         reuse_connections: bool,

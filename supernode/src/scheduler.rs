@@ -41,11 +41,13 @@ pub const DEFAULT_ORIGIN_LEASES_PER_HOST: u32 = 4;
 /// nothing for the peers to share meanwhile (the swarm then took twice the bound).
 /// Measured on 16 hosts at 100 Mbit/s: 2 -> 1.21 x the bound (the origin link idles
 /// between ranges), 4 -> 1.08-1.10, 6 -> 1.07, 8 -> 1.06; on 8 hosts 4 -> 1.05, 8 -> 1.04.
-/// 16, one per host there, with every other host taking each fetch as it lands (see
-/// [`DEFAULT_LANDING_RELAYS`]): the origin's output is split evenly and each lessee's
-/// link forwards its share to all others at the origin's pace, which is the schedule
-/// that meets the bound (1.04-1.05 x).
-pub const DEFAULT_ORIGIN_LEASES_PER_TASK: u32 = 16;
+/// 16 (one per host there) with 15 landing relays and `dfdaemon`'s connection per
+/// origin range splits the origin's output evenly, and each lessee forwards its share to
+/// all others at the origin's pace: 16 hosts took 23.4-23.7 s instead of 23.5-23.9 s.
+/// Not the default: at 32 hosts on 25 Mbit/s links, with 16 ranges sharing the origin's
+/// link, slow ranges outlived their leases and were fetched again (origin egress
+/// 1.020-1.024 F in three runs, 1.141 F in a fourth, against 1.004 F with 8).
+pub const DEFAULT_ORIGIN_LEASES_PER_TASK: u32 = 8;
 /// Missing pieces taken strictly in order before rarest-first applies, so a client
 /// streaming the content sees its next bytes soon.
 pub const DEFAULT_IN_ORDER_LOOKAHEAD: u32 = 4;
@@ -54,10 +56,11 @@ pub const DEFAULT_PARENTS_PER_PIECE: usize = 4;
 /// Peers sent to take one origin fetch's bytes from its lessee while they land. Relaying
 /// then starts with the origin's first byte instead of a whole piece later; on 16 hosts
 /// the hosts' links were otherwise mostly idle for the first second of a cold fetch.
-/// With 16 fetches in flight each gets 1/16 of the origin's link, so 15 relays take 15/16
-/// of the lessee's: on 16 hosts that is everyone, and 80% of all piece copies then came
-/// this way (3 relays: 20%).
-pub const DEFAULT_LANDING_RELAYS: u32 = 15;
+/// With 16 fetches in flight each gets 1/16 of the origin's link, so 15 relays fit in
+/// 15/16 of the lessee's: on 16 hosts that is everyone, and 77-84% of all piece copies
+/// then came this way (3 relays with 8 fetches: 20%); see
+/// [`DEFAULT_ORIGIN_LEASES_PER_TASK`] for why that is not the default.
+pub const DEFAULT_LANDING_RELAYS: u32 = 3;
 /// Corrupt-piece reports after which a host is not offered as a parent for a while.
 const BAD_PIECE_QUARANTINE_AFTER: u32 = 3;
 /// How long a host that keeps sending corrupt pieces is skipped as a parent.
