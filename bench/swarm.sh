@@ -254,7 +254,7 @@ setup_network() {
     if [ -n "$ORIGIN_CC" ]; then
         # Per route: a namespace may only pick from the host's allowed list by sysctl.
         ip -n "$ORIGIN_NS" route replace 10.77.0.0/16 dev eth0 src "$ORIGIN_IP" congctl "$ORIGIN_CC" \
-            || die "ORIGIN_CC=$ORIGIN_CC: not one of $(cat /proc/sys/net/ipv4/tcp_available_congestion_control)"
+            || die "ORIGIN_CC=$ORIGIN_CC: setting it failed (available: $(cat /proc/sys/net/ipv4/tcp_available_congestion_control))"
     fi
     add_node "$CTL_NS" "$CTL_IP" 0 || die "control namespace setup failed"
     local i

@@ -113,13 +113,14 @@ pub struct DaemonConfig {
     pub worker_threads: Option<usize>,
     /// Keep origin connections open between range requests (the default). Off, every range
     /// starts on a connection of its own. A long-lived connection keeps its congestion
-    /// state, and with a dozen of them on one origin link the split goes lopsided (swarm
+    /// state, and with one per host on one origin link the split goes lopsided (swarm
     /// bench, BBR at the origin: estimates of 3.4 to 66 Mbit/s between the connections at
     /// one instant, `ss -ti`). Pieces on the slow ones straggle for seconds, and so do the
     /// peers taking them as they land. With the supernode's 16 origin fetches per task and
     /// a connection per range, ranges took 1.2-1.5 s each and 16 hosts finished in
-    /// 23.4-23.5 s, against 23.7-24.1 s with kept connections. With its default 8 it made
-    /// no measurable difference, and a handshake per range costs a distant HTTPS origin.
+    /// 23.4-23.5 s, against 23.7-24.1 s with kept connections. With its default 8 the
+    /// difference was within run-to-run spread (3 runs against 6), and a handshake per
+    /// request costs a distant HTTPS origin.
     pub reuse_origin_connections: bool,
     pub engine: EngineConfig,
     pub mirror: crate::mirror::MirrorConfig,

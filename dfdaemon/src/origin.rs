@@ -74,8 +74,8 @@ fn send_error(e: reqwest::Error) -> OriginError {
 impl Origin {
     /// `roots`: CA certificates trusted on top of the system's (a private registry's).
     /// `reuse_connections`: keep connections open between requests; otherwise each
-    /// request gets a connection of its own (see [`crate::config`]'s
-    /// `reuse_origin_connections` for when that helps).
+    /// request gets a connection of its own (see
+    /// [`crate::config::DaemonConfig::reuse_origin_connections`] for when that helps).
     pub fn new(
         roots: &[reqwest::Certificate],
         reuse_connections: bool,
@@ -231,21 +231,26 @@ impl Origin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
 
-    /// A keep-alive HTTP/1.1 server of `content` by Range that counts the connections it
-    /// accepts.
-    async fn range_server(content: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+    /// A keep-alive HTTP/1.1 server of `content` by Range. It records how many requests
+    /// each accepted connection served, so the test doesn't depend on when the client's
+    /// pool takes a connection back.
+    async fn range_server(content: Arc<Vec<u8>>) -> (String, Arc<Mutex<Vec<usize>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/blob", listener.local_addr().unwrap());
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let record = served.clone();
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
+                let conn = {
+                    let mut r = record.lock().unwrap();
+                    r.push(0);
+                    r.len() - 1
+                };
+                let (record, content) = (record.clone(), content.clone());
                 tokio::spawn(async move {
                     let (rd, mut wr) = sock.into_split();
                     let mut rd = BufReader::new(rd);
@@ -269,6 +274,7 @@ mod tests {
                             }
                         }
                         let (a, b) = range.unwrap();
+                        record.lock().unwrap()[conn] += 1;
                         let head = format!(
                             "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {a}-{b}/{}\r\n\r\n",
                             b + 1 - a,
@@ -283,26 +289,27 @@ mod tests {
                 });
             }
         });
-        (url, accepted)
+        (url, served)
     }
 
-    async fn fetch_twice(reuse: bool) -> usize {
-        static CONTENT: [u8; 8192] = [7; 8192];
-        let (url, accepted) = range_server(&CONTENT).await;
+    /// Requests served per connection after two range fetches, one after the other.
+    async fn fetch_twice(reuse: bool) -> Vec<usize> {
+        let content: Arc<Vec<u8>> = Arc::new((0..8192u32).map(|i| (i % 251) as u8).collect());
+        let (url, served) = range_server(content.clone()).await;
         let origin = Origin::new(&[], reuse).unwrap();
-        for offset in [0u64, 4096] {
+        for offset in [0usize, 4096] {
             let (data, _) = origin
-                .fetch_range(&url, &HeaderMap::new(), offset, 4096, |_| {})
+                .fetch_range(&url, &HeaderMap::new(), offset as u64, 4096, |_| {})
                 .await
                 .unwrap();
-            assert_eq!(&data[..], &CONTENT[..4096]);
+            assert_eq!(&data[..], &content[offset..offset + 4096]);
         }
-        accepted.load(Ordering::SeqCst)
+        served.lock().unwrap().clone()
     }
 
     #[tokio::test]
     async fn each_range_gets_a_connection_of_its_own_unless_reuse_is_asked_for() {
-        assert_eq!(fetch_twice(false).await, 2);
-        assert_eq!(fetch_twice(true).await, 1);
+        assert_eq!(fetch_twice(false).await, vec![1, 1]);
+        assert!(fetch_twice(true).await.contains(&2));
     }
 }

@@ -45,8 +45,8 @@ pub const DEFAULT_ORIGIN_LEASES_PER_HOST: u32 = 4;
 /// origin range splits the origin's output evenly, and each lessee forwards its share to
 /// all others at the origin's pace: 16 hosts took 23.4-23.7 s instead of 23.5-23.9 s.
 /// Not the default: at 32 hosts on 25 Mbit/s links, with 16 ranges sharing the origin's
-/// link, slow ranges outlived their leases and were fetched again (origin egress
-/// 1.020-1.024 F in three runs, 1.141 F in a fourth, against 1.004 F with 8).
+/// link, pieces were fetched from the origin again (origin egress 1.020-1.024 F in three
+/// runs, 1.141 F in a fourth, against 1.004 F with 8); the cause is not pinned down.
 pub const DEFAULT_ORIGIN_LEASES_PER_TASK: u32 = 8;
 /// Missing pieces taken strictly in order before rarest-first applies, so a client
 /// streaming the content sees its next bytes soon.
