@@ -291,7 +291,6 @@ wait_until() {  # seconds description cmd...
     return 1
 }
 
-origin_tx() { ip netns exec "$ORIGIN_NS" cat /sys/class/net/eth0/statistics/tx_bytes; }
 # "bytes segments" the origin's htb sent. Unlike the veth's tx_bytes, which counts one
 # header per GSO batch, the qdisc counts every segment with its headers, as a wire would.
 origin_qdisc_tx() { tc -n "$ORIGIN_NS" -s qdisc show dev eth0 | awk '/Sent/ { print $2, $4; exit }'; }
@@ -441,7 +440,6 @@ start_sampler() {   # 1-s /proc/stat samples during the variant
 }
 
 go_now() {   # record counters and release all jobs
-    meta tx0 "$(origin_tx)"
     meta qtx0 "$(origin_qdisc_tx)"
     meta tcp0 "$(origin_tcp)"
     meta udpdrop0 "$(hosts_udp_drops)"
@@ -458,7 +456,6 @@ end_counters() {
     meta t1 "$EPOCHREALTIME"
     meta stat1 "$(cpu_line)"
     meta cg1 "$(cg_usage)"
-    meta tx1 "$(origin_tx)"
     meta qtx1 "$(origin_qdisc_tx)"
     meta tcp1 "$(origin_tcp)"
     meta udpdrop1 "$(hosts_udp_drops)"

@@ -485,11 +485,12 @@ fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// An HTTP origin on loopback serving fixed files, with Range support (optional), that
-/// counts every body byte it sends.
+/// counts every body byte it sends, its requests and the connections it accepts.
 pub struct Origin {
     pub addr: SocketAddr,
     sent: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -524,7 +525,7 @@ impl Origin {
         let files = Arc::new(files);
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
-        {
+        let connections = {
             let (sent, requests) = (sent.clone(), requests.clone());
             serve_http(&rt, listener, move |req| {
                 requests.fetch_add(1, Ordering::Relaxed);
@@ -562,12 +563,13 @@ impl Origin {
                     });
                     http_body_util::StreamBody::new(stream)
                 })
-            });
-        }
+            })
+        };
         Ok(Self {
             addr,
             sent,
             requests,
+            connections,
             _rt: rt,
         })
     }
@@ -583,24 +585,33 @@ impl Origin {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
 }
 
 /// Serves HTTP/1.1 on `listener` from `rt`, answering each request with `answer`.
+/// Returns the count of connections accepted.
 fn serve_http<B>(
     rt: &tokio::runtime::Runtime,
     listener: tokio::net::TcpListener,
     answer: impl Fn(Request<hyper::body::Incoming>) -> Response<B> + Send + Sync + 'static,
-) where
+) -> Arc<AtomicU64>
+where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let answer = Arc::new(answer);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
     rt.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            count.fetch_add(1, Ordering::Relaxed);
             let answer = answer.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -613,6 +624,7 @@ fn serve_http<B>(
             });
         }
     });
+    accepted
 }
 
 /// Body chunk size of the test origin; bounds how far the byte count runs ahead of the socket.

@@ -417,3 +417,39 @@ fn daemons_on_one_worker_thread_share_a_file() {
         "no piece went from one daemon to the other"
     );
 }
+
+/// With `reuse_origin_connections = false` every origin request (the probe and each
+/// range) comes on a connection of its own; by default the daemon keeps them.
+#[test]
+fn origin_requests_get_a_connection_each_unless_reused() {
+    let root = tempfile::tempdir().unwrap();
+    let sn = SupernodeProc::start(&root.path().join("supernode")).unwrap();
+    let fresh_cfg = root.path().join("fresh.toml");
+    std::fs::write(&fresh_cfg, "reuse_origin_connections = false\n").unwrap();
+    let fresh_arg = fresh_cfg.display().to_string();
+    for (name, extra, fresh) in [
+        ("fresh", vec!["--config", fresh_arg.as_str()], true),
+        ("kept", vec![], false),
+    ] {
+        let data = random_bytes(16 * MIB, 11);
+        let want = sha256_hex(&data);
+        let origin = Origin::start(HashMap::from([("f".to_string(), data)]), true).unwrap();
+        let d = DaemonProc::start(&sn, root.path(), name, &extra).unwrap();
+        let out = root.path().join(format!("{name}.out"));
+        tests::assert_success(&d.dfget(&origin.url("f"), &out, &[]));
+        assert_eq!(file_sha256(&out).unwrap(), want);
+        let (requests, connections) = (origin.requests(), origin.connections());
+        assert!(
+            requests >= 17,
+            "{name}: probe and 16 ranges, got {requests} requests"
+        );
+        if fresh {
+            assert_eq!(connections, requests, "{name}: a connection per request");
+        } else {
+            assert!(
+                connections < requests,
+                "{name}: {connections} connections for {requests} requests"
+            );
+        }
+    }
+}
