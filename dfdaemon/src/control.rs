@@ -4,16 +4,22 @@
 //!
 //! Calls fail fast ([`CALL_TIMEOUT`]) so a dead supernode costs a download seconds, not
 //! minutes; the downloader then carries on with its cache, known peers and the origin.
+//!
+//! The heartbeat also renews the origin leases of fetches that are slow but alive
+//! ([`OriginFetches`]): a lease that ran out mid-fetch sent the piece to a second host,
+//! and the origin sent those bytes twice.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use proto::control::{
-    AnnounceSource, ControlErrorCode, ControlRequest, ControlResponse, HostInfo, PieceRecord,
+    AnnounceSource, ControlErrorCode, ControlRequest, ControlResponse, HostInfo, MAX_ASSIGNMENTS,
+    PieceRecord,
 };
-use proto::{HostId, SessionId};
+use proto::{HostId, PieceIndex, SessionId, TaskId};
 use supernode::transport::{FrameIoError, read_frame, write_frame};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +31,94 @@ use crate::store::Store;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Heartbeat period; the supernode drops hosts after a few missed ones.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Origin fetches under a supernode lease, with the bytes each has received, so the
+/// heartbeat can renew the leases of those still making progress. Fetches younger than
+/// a heartbeat are not renewed: most finish well within their lease.
+#[derive(Default)]
+pub struct OriginFetches {
+    inner: Mutex<FetchTable>,
+}
+
+#[derive(Default)]
+struct FetchTable {
+    next_id: u64,
+    fetches: HashMap<(TaskId, PieceIndex), Fetch>,
+}
+
+struct Fetch {
+    id: u64,
+    started: Instant,
+    received: Arc<AtomicU64>,
+    reported: u64,
+}
+
+/// One running origin fetch; counts its bytes, and leaves the table when dropped.
+pub struct OriginFetch<'a> {
+    table: &'a OriginFetches,
+    key: (TaskId, PieceIndex),
+    id: u64,
+    received: Arc<AtomicU64>,
+}
+
+impl OriginFetch<'_> {
+    pub fn received(&self, bytes: usize) {
+        self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for OriginFetch<'_> {
+    fn drop(&mut self) {
+        let mut t = self.table.lock();
+        if t.fetches.get(&self.key).is_some_and(|f| f.id == self.id) {
+            t.fetches.remove(&self.key);
+        }
+    }
+}
+
+impl OriginFetches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FetchTable> {
+        // The table stays consistent whatever a panicking holder was doing.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn start(&self, task: TaskId, piece: PieceIndex) -> OriginFetch<'_> {
+        let mut t = self.lock();
+        t.next_id += 1;
+        let id = t.next_id;
+        let received = Arc::new(AtomicU64::new(0));
+        t.fetches.insert(
+            (task, piece),
+            Fetch {
+                id,
+                started: Instant::now(),
+                received: received.clone(),
+                reported: 0,
+            },
+        );
+        OriginFetch {
+            table: self,
+            key: (task, piece),
+            id,
+            received,
+        }
+    }
+
+    /// Per task, the pieces whose fetch started at least `min_age` ago and received
+    /// bytes since the last call; they are marked reported.
+    pub fn progressed(&self, now: Instant, min_age: Duration) -> Vec<(TaskId, Vec<PieceIndex>)> {
+        let mut by_task: HashMap<TaskId, Vec<PieceIndex>> = HashMap::new();
+        let mut t = self.lock();
+        for ((task, piece), f) in t.fetches.iter_mut() {
+            let received = f.received.load(Ordering::Relaxed);
+            if now.saturating_duration_since(f.started) >= min_age && received > f.reported {
+                f.reported = received;
+                by_task.entry(*task).or_default().push(*piece);
+            }
+        }
+        by_task.into_iter().collect()
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -58,6 +152,8 @@ pub struct ControlClient {
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     up: AtomicBool,
     pub info: HostInfo,
+    /// This host's origin fetches, renewed with each heartbeat while they progress.
+    pub origin_fetches: OriginFetches,
     metrics: Arc<Metrics>,
 }
 
@@ -76,6 +172,7 @@ impl ControlClient {
             conn: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(false),
             info,
+            origin_fetches: OriginFetches::default(),
             metrics,
         }
     }
@@ -209,6 +306,23 @@ impl ControlClient {
         Ok(())
     }
 
+    /// Tells the supernode which origin fetches are still receiving bytes, so their
+    /// leases outlast a slow origin. A failed call only logs: the lease then runs its
+    /// course, as it would without renewal.
+    async fn renew_origin_leases(&self) {
+        for (task, mut pieces) in self.origin_fetches.progressed(Instant::now(), HEARTBEAT) {
+            pieces.truncate(MAX_ASSIGNMENTS as usize);
+            let req = ControlRequest::RenewOriginLeases {
+                host: self.info.host.clone(),
+                task,
+                pieces,
+            };
+            if let Err(e) = self.call(&req).await {
+                tracing::debug!(%task, error = %e, "origin lease renewal failed");
+            }
+        }
+    }
+
     /// Heartbeats until cancelled; re-registers whenever the supernode doesn't know us.
     pub async fn run(
         self: Arc<Self>,
@@ -242,7 +356,7 @@ impl ControlClient {
                 uploads_in_flight: in_flight,
             };
             match self.call(&hb).await {
-                Ok(_) => {}
+                Ok(_) => self.renew_origin_leases().await,
                 Err(e) if e.is_unknown_host() => {
                     tracing::info!(
                         "supernode does not know this host (it restarted?); registering again"
@@ -250,11 +364,11 @@ impl ControlClient {
                     registered = false;
                     every.reset_immediately();
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "supernode heartbeat failed");
-                    // Re-register once it answers again: it may have restarted meanwhile.
-                    registered = false;
-                }
+                // No re-registration here: a supernode that restarted or dropped us
+                // meanwhile answers the next heartbeat with UnknownHost. Re-registering
+                // after every slow answer re-announced every stored piece, which loaded
+                // a busy supernode further (at 32 hosts, 16 daemons did so in one run).
+                Err(e) => tracing::warn!(error = %e, "supernode heartbeat failed"),
             }
         }
         let _ = tokio::time::timeout(

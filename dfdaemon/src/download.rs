@@ -1274,7 +1274,10 @@ impl Engine {
                 busy: false,
             };
         };
+        // Counts progress so the heartbeat keeps the lease while bytes arrive.
+        let fetch = self.control.origin_fetches.start(id, piece);
         let relay = |chunk: &Bytes| {
+            fetch.received(chunk.len());
             if let Some(l) = landing {
                 l.push(chunk.clone());
             }

@@ -241,6 +241,16 @@ mod tests {
                 }),
             (arb_host(), proptest::option::of(arb_task()))
                 .prop_map(|(host, task)| ControlRequest::Leave { host, task }),
+            (
+                arb_host(),
+                arb_task(),
+                proptest::collection::vec(any::<u32>(), 0..8)
+            )
+                .prop_map(|(host, task, p)| ControlRequest::RenewOriginLeases {
+                    host,
+                    task,
+                    pieces: p.into_iter().map(PieceIndex).collect(),
+                }),
         ]
     }
 

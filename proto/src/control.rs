@@ -129,6 +129,14 @@ pub enum ControlRequest {
         host: HostId,
         progress: Vec<crate::prewarm::WorkProgress>,
     },
+    /// "My origin fetches of these pieces are still receiving bytes": extends this
+    /// host's origin leases on them, so a slow but live fetch is not handed to another
+    /// host (which would make the origin send the piece twice).
+    RenewOriginLeases {
+        host: HostId,
+        task: TaskId,
+        pieces: Vec<PieceIndex>,
+    },
 }
 
 /// What the supernode knows of a task, handed to a peer that registers for it.
@@ -261,7 +269,8 @@ impl Frame for ControlRequest {
             ControlRequest::PrewarmPoll { progress, .. } => {
                 check(progress.len() <= MAX_PREWARM_WORK, "prewarm progress count")
             }
-            ControlRequest::PieceRecords { pieces, .. } => {
+            ControlRequest::PieceRecords { pieces, .. }
+            | ControlRequest::RenewOriginLeases { pieces, .. } => {
                 check(pieces.len() <= MAX_ASSIGNMENTS as usize, "piece list")
             }
             ControlRequest::ReportLayout { .. }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub parent_assignments: Counter,
     pub landing_assignments: Counter,
     pub hosts_expired: Counter,
+    pub origin_lease_renewals: Counter,
+    pub origin_leases_lapsed: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,18 @@ impl Default for Metrics {
             "Hosts dropped after going quiet",
             hosts_expired.clone(),
         );
+        let origin_lease_renewals = Counter::default();
+        registry.register(
+            "origin_lease_renewals",
+            "Origin leases extended because their fetch was still receiving bytes",
+            origin_lease_renewals.clone(),
+        );
+        let origin_leases_lapsed = Counter::default();
+        registry.register(
+            "origin_leases_lapsed",
+            "Origin leases that ran out before their piece was announced (the piece may be fetched from the origin again)",
+            origin_leases_lapsed.clone(),
+        );
         Self {
             registry,
             requests,
@@ -86,6 +100,8 @@ impl Default for Metrics {
             parent_assignments,
             landing_assignments,
             hosts_expired,
+            origin_lease_renewals,
+            origin_leases_lapsed,
         }
     }
 }

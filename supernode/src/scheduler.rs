@@ -29,7 +29,9 @@ use thiserror::Error;
 /// A host that sent nothing for this long is gone: its pieces and leases are released.
 /// Daemons heartbeat every few seconds, so this tolerates two lost heartbeats.
 pub const DEFAULT_HOST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one peer owns an origin fetch of a piece before another may try.
+/// How long one peer owns an origin fetch of a piece before another may try, unless it
+/// renews the lease: daemons renew every couple of seconds while a fetch still receives
+/// bytes, so this bounds how long a stalled or vanished fetch holds a piece back.
 pub const DEFAULT_ORIGIN_LEASE: Duration = Duration::from_secs(30);
 /// How long the probing peer has to report the content length.
 pub const DEFAULT_PROBE_LEASE: Duration = Duration::from_secs(10);
@@ -391,6 +393,8 @@ pub struct Scheduler {
     hosts: HashMap<HostId, Host>,
     tasks: HashMap<TaskId, Task>,
     dirty: Vec<TaskId>,
+    /// Origin leases that ran out before their piece was announced, since last taken.
+    lapsed_origin_leases: u64,
 }
 
 impl Scheduler {
@@ -400,7 +404,14 @@ impl Scheduler {
             hosts: HashMap::new(),
             tasks: HashMap::new(),
             dirty: Vec::new(),
+            lapsed_origin_leases: 0,
         }
+    }
+
+    /// Origin leases that ran out (their piece may now be fetched from the origin a
+    /// second time) since the last call.
+    pub fn take_lapsed_origin_leases(&mut self) -> u64 {
+        std::mem::take(&mut self.lapsed_origin_leases)
     }
 
     /// Loads durable task records (after a restart); peers re-register and re-announce.
@@ -714,6 +725,36 @@ impl Scheduler {
         }
     }
 
+    /// Extends `host`'s origin leases on `pieces` of the task: their fetches still receive
+    /// bytes. Leases held by others, or already gone, are left alone (the piece may have
+    /// been handed on meanwhile; the fetch then finishes as a duplicate). Returns how many
+    /// were extended.
+    pub fn handle_renew_origin_leases(
+        &mut self,
+        host: &HostId,
+        task_id: TaskId,
+        pieces: &[PieceIndex],
+        now: Instant,
+    ) -> Result<usize, SchedError> {
+        self.touch(host, now)?;
+        let until = now + self.cfg.origin_lease;
+        let task = self
+            .tasks
+            .get_mut(&task_id)
+            .ok_or(SchedError::UnknownTask(task_id))?;
+        let mut renewed = 0;
+        for piece in pieces {
+            if let Some(l) = task.origin_leases.get_mut(piece)
+                && &l.host == host
+                && l.live(now)
+            {
+                l.expires = until;
+                renewed += 1;
+            }
+        }
+        Ok(renewed)
+    }
+
     pub fn handle_piece_failed(
         &mut self,
         host: &HostId,
@@ -805,7 +846,9 @@ impl Scheduler {
         }
         let mut freed = Vec::new();
         for t in self.tasks.values_mut() {
+            let before = t.origin_leases.len();
             t.origin_leases.retain(|_, l| l.live(now));
+            self.lapsed_origin_leases += (before - t.origin_leases.len()) as u64;
             if t.whole_lease.as_ref().is_some_and(|l| !l.live(now)) {
                 t.whole_lease = None;
             }
@@ -989,8 +1032,14 @@ impl Scheduler {
                     continue;
                 }
                 _ => {
-                    task.origin_leases
-                        .insert(piece, Lease::new(host.clone(), now + cfg.origin_lease));
+                    if task
+                        .origin_leases
+                        .insert(piece, Lease::new(host.clone(), now + cfg.origin_lease))
+                        .is_some()
+                    {
+                        // An expired lease the tick had not swept yet.
+                        self.lapsed_origin_leases += 1;
+                    }
                     held_leases += 1;
                     task_leases += 1;
                     assignments.push(Assignment {
@@ -1360,6 +1409,46 @@ mod tests {
         let (mut s, now) = setup(1, 16, true);
         let r = schedule(&mut s, 0, &PieceSet::new(16), now);
         assert_eq!(r.assignments.len(), TASK_BUDGET as usize);
+    }
+
+    #[test]
+    fn origin_lease_lasts_while_its_holder_renews_it() {
+        let (mut s, now) = setup(2, 1, true);
+        let r = schedule(&mut s, 0, &PieceSet::new(1), now);
+        assert_eq!(r.assignments[0].source, PieceSource::Origin);
+        let lease = DEFAULT_ORIGIN_LEASE;
+        let mut t = now;
+        // Renewed every 2/3 of a lease, for three leases: nobody else gets the piece.
+        for _ in 0..5 {
+            t += lease * 2 / 3;
+            s.handle_heartbeat(&host(1), SessionId(1), 0, t).unwrap();
+            let renewed = s
+                .handle_renew_origin_leases(&host(0), task(), &[PieceIndex(0)], t)
+                .unwrap();
+            assert_eq!(renewed, 1);
+            assert!(s.handle_tick(t).is_empty());
+            assert!(
+                schedule(&mut s, 1, &PieceSet::new(1), t)
+                    .assignments
+                    .is_empty()
+            );
+        }
+        // Only the holder renews; an unknown task is an error.
+        let by_other = s.handle_renew_origin_leases(&host(1), task(), &[PieceIndex(0)], t);
+        assert_eq!(by_other.unwrap(), 0);
+        let other_task = TaskId::for_url("http://origin/other", &[], None);
+        assert!(matches!(
+            s.handle_renew_origin_leases(&host(0), other_task, &[PieceIndex(0)], t),
+            Err(SchedError::UnknownTask(_))
+        ));
+        assert_eq!(s.take_lapsed_origin_leases(), 0);
+        // Renewals stop: one lease later the piece goes to the next asker, counted as lapsed.
+        let later = t + lease + Duration::from_millis(1);
+        let r = schedule(&mut s, 1, &PieceSet::new(1), later);
+        assert_eq!(r.assignments[0].source, PieceSource::Origin);
+        assert_eq!(s.take_lapsed_origin_leases(), 1);
+        let late = s.handle_renew_origin_leases(&host(0), task(), &[PieceIndex(0)], later);
+        assert_eq!(late.unwrap(), 0, "the lapsed holder no longer owns it");
     }
 
     #[test]

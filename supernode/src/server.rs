@@ -240,6 +240,10 @@ async fn tick_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         let (gone, hosts, tasks, connected) = {
             let mut s = shared.sched();
             let gone = s.handle_tick(Instant::now());
+            shared
+                .metrics
+                .origin_leases_lapsed
+                .inc_by(s.take_lapsed_origin_leases());
             (gone, s.host_count(), s.task_count(), s.host_ids())
         };
         shared.jobs().tick(unix_now(), |h| connected.contains(h));
@@ -305,6 +309,7 @@ fn kind(req: &ControlRequest) -> &'static str {
         ControlRequest::Leave { .. } => "leave",
         ControlRequest::PrewarmPoll { .. } => "prewarm_poll",
         ControlRequest::PieceRecords { .. } => "piece_records",
+        ControlRequest::RenewOriginLeases { .. } => "renew_origin_leases",
     }
 }
 
@@ -392,6 +397,12 @@ fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 s.handle_leave(&host, task);
                 Ok(ControlResponse::Ack)
             }
+            ControlRequest::RenewOriginLeases { host, task, pieces } => s
+                .handle_renew_origin_leases(&host, task, &pieces, now)
+                .map(|n| {
+                    shared.metrics.origin_lease_renewals.inc_by(n as u64);
+                    ControlResponse::Ack
+                }),
             ControlRequest::PrewarmPoll { host, progress } => {
                 drop(s);
                 Ok(ControlResponse::Prewarm(

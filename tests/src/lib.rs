@@ -170,16 +170,30 @@ pub struct SupernodeProc {
     pub control: SocketAddr,
     pub api: SocketAddr,
     pub data_dir: PathBuf,
+    config: Option<PathBuf>,
     log: PathBuf,
 }
 
 impl SupernodeProc {
     pub fn start(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with_config(data_dir, "")
+    }
+
+    /// Starts with `toml` as its config file (empty: no file).
+    pub fn start_with_config(data_dir: &Path, toml: &str) -> anyhow::Result<Self> {
         let control: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
         let api: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
         let log = data_dir.with_extension("log");
+        let config = (!toml.is_empty())
+            .then(|| -> anyhow::Result<PathBuf> {
+                let path = data_dir.with_extension("toml");
+                std::fs::write(&path, toml)?;
+                Ok(path)
+            })
+            .transpose()?;
         let mut s = Self {
-            proc: Self::spawn(data_dir, control, api, &log)?,
+            proc: Self::spawn(data_dir, control, api, config.as_deref(), &log)?,
+            config,
             control,
             api,
             data_dir: data_dir.to_path_buf(),
@@ -193,6 +207,7 @@ impl SupernodeProc {
         data_dir: &Path,
         control: SocketAddr,
         api: SocketAddr,
+        config: Option<&Path>,
         log: &Path,
     ) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(&bins().supernode);
@@ -202,6 +217,9 @@ impl SupernodeProc {
             .arg(api.to_string())
             .arg("--data-dir")
             .arg(data_dir);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
         Proc::spawn("supernode", cmd, log.to_path_buf())
     }
 
@@ -233,8 +251,22 @@ impl SupernodeProc {
     /// Starts again on the same ports and data dir.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill();
-        self.proc = Self::spawn(&self.data_dir, self.control, self.api, &self.log)?;
+        self.proc = Self::spawn(
+            &self.data_dir,
+            self.control,
+            self.api,
+            self.config.as_deref(),
+            &self.log,
+        )?;
         self.wait_ready()
+    }
+
+    /// Value of a Prometheus counter (sum over label sets matching `labels`).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let Ok((_, body)) = http_get(self.api, "/metrics") else {
+            return 0.0;
+        };
+        parse_metric(&String::from_utf8_lossy(&body), name, labels)
     }
 
     pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
@@ -496,7 +528,13 @@ pub struct Origin {
 
 impl Origin {
     pub fn start(files: HashMap<String, Bytes>, ranges: bool) -> anyhow::Result<Self> {
-        Self::start_inner(files, ranges, HashMap::new())
+        Self::start_inner(files, ranges, HashMap::new(), Duration::ZERO)
+    }
+
+    /// A slow origin: waits `pace` before each body chunk of [`CHUNK`] bytes (a 1 MiB
+    /// range takes 16 paces). Ranges are supported.
+    pub fn start_paced(files: HashMap<String, Bytes>, pace: Duration) -> anyhow::Result<Self> {
+        Self::start_inner(files, true, HashMap::new(), pace)
     }
 
     /// Like object storage behind a registry: a GET of a path in `redirects` answers 307 to
@@ -506,13 +544,14 @@ impl Origin {
         files: HashMap<String, Bytes>,
         redirects: HashMap<String, String>,
     ) -> anyhow::Result<Self> {
-        Self::start_inner(files, true, redirects)
+        Self::start_inner(files, true, redirects, Duration::ZERO)
     }
 
     fn start_inner(
         files: HashMap<String, Bytes>,
         ranges: bool,
         redirects: HashMap<String, String>,
+        pace: Duration,
     ) -> anyhow::Result<Self> {
         let redirects = Arc::new(redirects);
         let signatures = Arc::new(AtomicU64::new(0));
@@ -557,9 +596,15 @@ impl Origin {
                             .map(|i| body.slice(i..(i + CHUNK).min(body.len())))
                             .collect()
                     };
-                    let stream = futures_util::stream::iter(chunks).map(move |c| {
-                        sent.fetch_add(c.len() as u64, Ordering::Relaxed);
-                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))
+                    let stream = futures_util::stream::iter(chunks).then(move |c| {
+                        let sent = sent.clone();
+                        async move {
+                            if !pace.is_zero() {
+                                tokio::time::sleep(pace).await;
+                            }
+                            sent.fetch_add(c.len() as u64, Ordering::Relaxed);
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))
+                        }
                     });
                     http_body_util::StreamBody::new(stream)
                 })

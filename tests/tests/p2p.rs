@@ -418,6 +418,44 @@ fn daemons_on_one_worker_thread_share_a_file() {
     );
 }
 
+/// A slow but live origin fetch keeps its lease: the daemon renews it while bytes
+/// arrive, so the piece is not handed to a second host and fetched from the origin
+/// twice. The lease here (5 s) is well under the fetch (16 chunks, 0.75 s apart).
+#[test]
+fn slow_origin_fetch_keeps_its_lease() {
+    let root = tempfile::tempdir().unwrap();
+    // No landing relays: the second host can only wait for the piece or take the lease.
+    let sn = SupernodeProc::start_with_config(
+        &root.path().join("supernode"),
+        "[scheduler]\norigin_lease_secs = 5\nlanding_relays = 0\n",
+    )
+    .unwrap();
+    let data = random_bytes(MIB, 12);
+    let want = sha256_hex(&data);
+    let origin = Origin::start_paced(
+        HashMap::from([("f".to_string(), data)]),
+        Duration::from_millis(750),
+    )
+    .unwrap();
+    let a = DaemonProc::start(&sn, root.path(), "a", &[]).unwrap();
+    let b = DaemonProc::start(&sn, root.path(), "b", &[]).unwrap();
+    let (out_a, out_b) = (root.path().join("a.out"), root.path().join("b.out"));
+    let mut first = a.dfget_spawn(&origin.url("f"), &out_a, &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let second = b.dfget(&origin.url("f"), &out_b, &[]);
+    assert!(first.wait().unwrap().success(), "first dfget failed");
+    tests::assert_success(&second);
+    assert_eq!(file_sha256(&out_a).unwrap(), want);
+    assert_eq!(file_sha256(&out_b).unwrap(), want);
+    let sent = origin.bytes_sent();
+    assert!(
+        sent < MIB as u64 * 3 / 2,
+        "the origin sent the piece more than once: {sent} bytes"
+    );
+    assert!(sn.metric("supernode_origin_lease_renewals_total", "") >= 1.0);
+    assert_eq!(sn.metric("supernode_origin_leases_lapsed_total", ""), 0.0);
+}
+
 /// With `reuse_origin_connections = false` every origin request (the probe and each
 /// range) comes on a connection of its own; by default the daemon keeps them.
 #[test]
