@@ -6,10 +6,11 @@
 //! minutes; the downloader then carries on with its cache, known peers and the origin.
 //!
 //! The heartbeat also renews the origin leases of fetches that are slow but alive
-//! ([`OriginFetches`]): a lease that ran out mid-fetch sent the piece to a second host,
-//! and the origin sent those bytes twice.
+//! ([`OriginFetches`]), and sends again the announces that did not get through
+//! ([`PendingAnnounces`]). Either gap let an origin lease run out: the piece went to a
+//! second host, and the origin sent those bytes twice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +26,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, TaskMeta};
 
 /// Connecting plus one request/response must finish within this.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -120,6 +121,87 @@ impl OriginFetches {
     }
 }
 
+/// Stored pieces the supernode has not confirmed hearing of. A record is added before
+/// its announce is sent and removed once the supernode acknowledged it, so a call that
+/// timed out, or was cut short when its download ended, is retried by the heartbeat.
+/// Until then the supernode does not list this host for the piece, and an origin
+/// piece's lease stays with this host until it runs out.
+#[derive(Default)]
+pub struct PendingAnnounces {
+    inner: Mutex<HashMap<TaskId, TaskPending>>,
+}
+
+/// One task's unacknowledged records, by piece.
+type TaskPending = BTreeMap<PieceIndex, (AnnounceSource, PieceRecord)>;
+
+impl PendingAnnounces {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, TaskPending>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn add(&self, task: TaskId, source: AnnounceSource, records: &[PieceRecord]) {
+        let mut m = self.lock();
+        let t = m.entry(task).or_default();
+        for r in records {
+            t.insert(r.piece, (source, *r));
+        }
+    }
+
+    /// The supernode has these records now.
+    pub fn confirm(&self, task: TaskId, records: &[PieceRecord]) {
+        let mut m = self.lock();
+        if let Some(t) = m.get_mut(&task) {
+            for r in records {
+                if t.get(&r.piece).is_some_and(|(_, have)| have == r) {
+                    t.remove(&r.piece);
+                }
+            }
+            if t.is_empty() {
+                m.remove(&task);
+            }
+        }
+    }
+
+    /// Forgets a task's records: they were all announced another way.
+    pub fn forget(&self, task: TaskId) {
+        self.lock().remove(&task);
+    }
+
+    /// Forgets everything: a registration re-announces the whole store.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Per task and source, up to `max` records of each.
+    fn batches(&self, max: usize) -> Vec<(TaskId, AnnounceSource, Vec<PieceRecord>)> {
+        let m = self.lock();
+        let mut out = Vec::new();
+        for (task, t) in m.iter() {
+            for source in [
+                AnnounceSource::Origin,
+                AnnounceSource::Peer,
+                AnnounceSource::Restored,
+            ] {
+                let records: Vec<PieceRecord> = t
+                    .values()
+                    .filter(|(s, _)| *s == source)
+                    .map(|(_, r)| *r)
+                    .take(max)
+                    .collect();
+                if !records.is_empty() {
+                    out.push((*task, source, records));
+                }
+            }
+        }
+        out
+    }
+
+    /// Records waiting, over all tasks.
+    pub fn count(&self) -> usize {
+        self.lock().values().map(BTreeMap::len).sum()
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ControlError {
     #[error("supernode unreachable: {0}")]
@@ -154,6 +236,8 @@ pub struct ControlClient {
     pub info: HostInfo,
     /// This host's origin fetches, renewed with each heartbeat while they progress.
     pub origin_fetches: OriginFetches,
+    /// Announces not yet acknowledged, sent again with each heartbeat.
+    pub pending_announces: PendingAnnounces,
     metrics: Arc<Metrics>,
 }
 
@@ -173,6 +257,7 @@ impl ControlClient {
             up: AtomicBool::new(false),
             info,
             origin_fetches: OriginFetches::default(),
+            pending_announces: PendingAnnounces::default(),
             metrics,
         }
     }
@@ -251,59 +336,76 @@ impl ControlClient {
     pub async fn register(&self, store: &Store) -> Result<(), ControlError> {
         self.call(&ControlRequest::RegisterHost(self.info.clone()))
             .await?;
+        // Everything stored is announced below; what was pending is part of it.
+        self.pending_announces.clear();
         let mut announced = 0usize;
         for (task, meta) in store.tasks() {
-            let Some(layout) = meta.layout else { continue };
-            let pieces: Vec<PieceRecord> = store
-                .digests(&task)
-                .into_iter()
-                .map(|(piece, digest)| PieceRecord { piece, digest })
-                .collect();
-            if pieces.is_empty() {
-                continue;
-            }
-            let view = self
-                .call(&ControlRequest::RegisterPeer {
-                    host: self.info.host.clone(),
-                    task,
-                    url: meta.url.clone(),
-                    content_digest: meta.content_digest,
-                })
-                .await?;
-            if let ControlResponse::Task(v) = view
-                && v.layout.is_none()
-            {
-                // The supernode lost this task; our layout is as good as any.
-                self.call(&ControlRequest::ReportLayout {
-                    host: self.info.host.clone(),
-                    task,
-                    content_length: layout.content_length,
-                    supports_range: meta.supports_range,
-                })
-                .await?;
-            }
-            announced += pieces.len();
-            match self
-                .call(&ControlRequest::AnnouncePieces {
-                    host: self.info.host.clone(),
-                    task,
-                    source: AnnounceSource::Restored,
-                    pieces,
-                })
-                .await
-            {
-                Ok(_) => {}
-                Err(ControlError::Remote {
-                    code: ControlErrorCode::DigestConflict,
-                    message,
-                }) => {
-                    tracing::warn!(%task, %message, "supernode disagrees with some stored pieces");
-                }
-                Err(e) => return Err(e),
-            }
+            announced += self.announce_stored(store, task, &meta).await?;
         }
         tracing::info!(supernode = %self.addr, pieces = announced, "registered with supernode");
         Ok(())
+    }
+
+    /// Registers for a stored task and announces every piece of it the store holds
+    /// (restoring the task's layout on the supernode if it lost it). Returns how many
+    /// pieces were announced.
+    async fn announce_stored(
+        &self,
+        store: &Store,
+        task: TaskId,
+        meta: &TaskMeta,
+    ) -> Result<usize, ControlError> {
+        let Some(layout) = meta.layout else {
+            return Ok(0);
+        };
+        let pieces: Vec<PieceRecord> = store
+            .digests(&task)
+            .into_iter()
+            .map(|(piece, digest)| PieceRecord { piece, digest })
+            .collect();
+        if pieces.is_empty() {
+            return Ok(0);
+        }
+        let view = self
+            .call(&ControlRequest::RegisterPeer {
+                host: self.info.host.clone(),
+                task,
+                url: meta.url.clone(),
+                content_digest: meta.content_digest,
+            })
+            .await?;
+        if let ControlResponse::Task(v) = view
+            && v.layout.is_none()
+        {
+            // The supernode lost this task; our layout is as good as any.
+            self.call(&ControlRequest::ReportLayout {
+                host: self.info.host.clone(),
+                task,
+                content_length: layout.content_length,
+                supports_range: meta.supports_range,
+            })
+            .await?;
+        }
+        let count = pieces.len();
+        match self
+            .call(&ControlRequest::AnnouncePieces {
+                host: self.info.host.clone(),
+                task,
+                source: AnnounceSource::Restored,
+                pieces,
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(ControlError::Remote {
+                code: ControlErrorCode::DigestConflict,
+                message,
+            }) => {
+                tracing::warn!(%task, %message, "supernode disagrees with some stored pieces");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(count)
     }
 
     /// Tells the supernode which origin fetches are still receiving bytes, so their
@@ -319,6 +421,66 @@ impl ControlClient {
             };
             if let Err(e) = self.call(&req).await {
                 tracing::debug!(%task, error = %e, "origin lease renewal failed");
+            }
+        }
+    }
+
+    /// Sends the announces that did not get through, for pieces still stored.
+    async fn resend_announces(&self, store: &Store) {
+        for (task, source, records) in self.pending_announces.batches(MAX_ASSIGNMENTS as usize) {
+            let stored = store.stored(&task);
+            let (held, gone): (Vec<PieceRecord>, Vec<PieceRecord>) = records
+                .into_iter()
+                .partition(|r| stored.as_ref().is_some_and(|s| s.contains(r.piece)));
+            // Evicted since: nothing to announce.
+            self.pending_announces.confirm(task, &gone);
+            if held.is_empty() {
+                continue;
+            }
+            let req = ControlRequest::AnnouncePieces {
+                host: self.info.host.clone(),
+                task,
+                source,
+                pieces: held.clone(),
+            };
+            match self.call(&req).await {
+                Ok(_) => {
+                    tracing::info!(%task, pieces = held.len(), "late announce went through");
+                    self.pending_announces.confirm(task, &held);
+                }
+                // A digest conflict will not go away by asking again.
+                Err(ControlError::Remote {
+                    code: ControlErrorCode::DigestConflict,
+                    message,
+                }) => {
+                    tracing::warn!(%task, %message, "supernode disagrees with some stored pieces");
+                    self.pending_announces.confirm(task, &held);
+                }
+                // The peer registration never got through (the supernode was away when
+                // the download began): register for the task with everything stored.
+                Err(ControlError::Remote {
+                    code: ControlErrorCode::UnknownTask,
+                    ..
+                }) => {
+                    let Some(meta) = store.meta(&task) else {
+                        self.pending_announces.confirm(task, &held);
+                        continue;
+                    };
+                    match self.announce_stored(store, task, &meta).await {
+                        Ok(n) => {
+                            tracing::info!(%task, pieces = n, "registered late for a stored task");
+                            self.pending_announces.forget(task);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%task, error = %e, "late registration failed; retried with the next heartbeat");
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%task, error = %e, "announce failed again; retried with the next heartbeat");
+                    return;
+                }
             }
         }
     }
@@ -356,7 +518,13 @@ impl ControlClient {
                 uploads_in_flight: in_flight,
             };
             match self.call(&hb).await {
-                Ok(_) => self.renew_origin_leases().await,
+                Ok(_) => {
+                    self.renew_origin_leases().await;
+                    self.resend_announces(&store).await;
+                    self.metrics
+                        .pending_announces
+                        .set(self.pending_announces.count() as i64);
+                }
                 Err(e) if e.is_unknown_host() => {
                     tracing::info!(
                         "supernode does not know this host (it restarted?); registering again"

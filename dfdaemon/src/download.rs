@@ -1518,19 +1518,25 @@ async fn announce_loop(
             if pieces.is_empty() {
                 continue;
             }
+            // Pending until acknowledged: the heartbeat sends again what did not get
+            // through, even after this download (and this loop) ended.
+            control.pending_announces.add(task, source, &pieces);
             let announced = control.is_up()
                 && match control
                     .call(&ControlRequest::AnnouncePieces {
                         host: host.clone(),
                         task,
                         source,
-                        pieces,
+                        pieces: pieces.clone(),
                     })
                     .await
                 {
-                    Ok(_) => true,
+                    Ok(_) => {
+                        control.pending_announces.confirm(task, &pieces);
+                        true
+                    }
                     Err(e) => {
-                        tracing::debug!(%task, error = %e, "announce failed; pieces are re-announced on re-registration");
+                        tracing::debug!(%task, error = %e, "announce failed; the heartbeat sends it again");
                         false
                     }
                 };

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub corrupt_local_pieces: Counter,
     pub downloads: Family<ReasonLabels, Counter>,
     pub supernode_up: Gauge,
+    pub pending_announces: Gauge,
     /// Registry mirror requests by kind (`manifest`, `blob`).
     pub mirror_requests: Family<ReasonLabels, Counter>,
     /// Content-addressed mirror reads (blobs, manifests by digest) by `hit` (complete in
@@ -109,6 +110,12 @@ impl Default for Metrics {
             "Local API downloads by outcome",
             downloads.clone(),
         );
+        let pending_announces = Gauge::default();
+        registry.register(
+            "pending_announces",
+            "Stored pieces whose announce the supernode has not acknowledged yet",
+            pending_announces.clone(),
+        );
         let supernode_up = Gauge::default();
         registry.register(
             "supernode_up",
@@ -156,6 +163,7 @@ impl Default for Metrics {
             corrupt_local_pieces,
             downloads,
             supernode_up,
+            pending_announces,
         }
     }
 }

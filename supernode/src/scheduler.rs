@@ -115,6 +115,10 @@ pub enum SchedError {
     UnknownHost(HostId),
     #[error("task {0} is not known; register for it first")]
     UnknownTask(TaskId),
+    /// Asks the announcer to register for the task again with its layout (a daemon that
+    /// fetched while the supernode was away has one, and the supernode none).
+    #[error("task {0} has no layout yet; register for it and report the layout first")]
+    NoLayout(TaskId),
     #[error("task {task} already has content length {known}, peer reported {reported}")]
     LayoutConflict {
         task: TaskId,
@@ -131,7 +135,7 @@ impl SchedError {
     pub fn code(&self) -> ControlErrorCode {
         match self {
             SchedError::UnknownHost(_) => ControlErrorCode::UnknownHost,
-            SchedError::UnknownTask(_) => ControlErrorCode::UnknownTask,
+            SchedError::UnknownTask(_) | SchedError::NoLayout(_) => ControlErrorCode::UnknownTask,
             SchedError::LayoutConflict { .. } => ControlErrorCode::LayoutConflict,
             SchedError::DigestConflict { .. } => ControlErrorCode::DigestConflict,
             SchedError::Layout(_) => ControlErrorCode::BadRequest,
@@ -664,6 +668,9 @@ impl Scheduler {
             .tasks
             .get_mut(&task_id)
             .ok_or(SchedError::UnknownTask(task_id))?;
+        if task.record.layout.is_none() {
+            return Err(SchedError::NoLayout(task_id));
+        }
         task.last_active = now;
         let count = task.piece_count();
         let mut conflict = None;
@@ -1409,6 +1416,29 @@ mod tests {
         let (mut s, now) = setup(1, 16, true);
         let r = schedule(&mut s, 0, &PieceSet::new(16), now);
         assert_eq!(r.assignments.len(), TASK_BUDGET as usize);
+    }
+
+    #[test]
+    fn announce_without_a_layout_asks_for_one() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(cfg());
+        s.handle_register_host(info(0, &[]), now);
+        s.handle_register_peer(&host(0), task(), "http://origin/file", None, now)
+            .unwrap();
+        let rec = PieceRecord {
+            piece: PieceIndex(0),
+            digest: digest(0),
+        };
+        let err = s
+            .handle_announce(&host(0), task(), AnnounceSource::Origin, &[rec], now)
+            .unwrap_err();
+        assert!(matches!(err, SchedError::NoLayout(_)), "{err}");
+        assert_eq!(err.code(), ControlErrorCode::UnknownTask);
+        // After the layout, the same announce is taken.
+        s.handle_report_layout(&host(0), task(), u64::from(PS), true, now)
+            .unwrap();
+        s.handle_announce(&host(0), task(), AnnounceSource::Origin, &[rec], now)
+            .unwrap();
     }
 
     #[test]

@@ -286,6 +286,65 @@ fn supernode_stopped_mid_run_downloads_still_complete_and_reannounce_later() {
     assert_eq!(hosts.as_array().unwrap().len(), 3);
 }
 
+/// Announces that could not reach the supernode are sent again once it answers, by the
+/// heartbeat, without the daemon registering again: a daemon that fetched a file while
+/// the supernode was frozen (SIGSTOP, not restarted) is then a parent for it.
+#[test]
+fn announces_lost_while_the_supernode_was_frozen_arrive_later() {
+    let root = tempfile::tempdir().unwrap();
+    // Long enough that the frozen supernode does not drop the hosts when it wakes.
+    let sn = SupernodeProc::start_with_config(
+        &root.path().join("supernode"),
+        "[scheduler]\nhost_timeout_secs = 120\n",
+    )
+    .unwrap();
+    let data = random_bytes(8 * MIB, 13);
+    let want = sha256_hex(&data);
+    let len = data.len() as u64;
+    let origin = Origin::start(HashMap::from([("f".to_string(), data)]), true).unwrap();
+    let url = origin.url("f");
+    let a = DaemonProc::start(&sn, root.path(), "a", &[]).unwrap();
+    let b = DaemonProc::start(&sn, root.path(), "b", &[]).unwrap();
+    let pid = sn.proc.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let out = a.dfget(&url, &root.path().join("a.out"), &[]);
+    signal("-CONT");
+    tests::assert_success(&out);
+    assert_eq!(file_sha256(&root.path().join("a.out")).unwrap(), want);
+    wait_for(
+        "a's pieces to reach the supernode",
+        Duration::from_secs(30),
+        || {
+            let Ok(tasks) = sn.get_json("/api/v1/tasks") else {
+                return false;
+            };
+            tasks.as_array().and_then(|a| a.first()).is_some_and(|t| {
+                t["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p["pieces"].as_u64() == Some(8)))
+            })
+        },
+    );
+    let registrations = sn.metric(
+        "supernode_control_requests_total",
+        "kind=\"register_host\",result=\"ok\"",
+    );
+    assert_eq!(registrations, 2.0, "each daemon registered once");
+    assert_eq!(a.metric("dfdaemon_pending_announces", ""), 0.0);
+    let sent = origin.bytes_sent();
+    tests::assert_success(&b.dfget(&url, &root.path().join("b.out"), &[]));
+    assert_eq!(file_sha256(&root.path().join("b.out")).unwrap(), want);
+    let again = origin.bytes_sent() - sent;
+    assert!(again < len / 8, "b took {again} bytes from the origin");
+}
+
 #[test]
 fn embedded_supernode_default_serves_a_file() {
     let root = tempfile::tempdir().unwrap();
