@@ -233,6 +233,8 @@ pub struct ControlClient {
     addr: SocketAddr,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     up: AtomicBool,
+    /// When the supernode last answered anything (an error answer included).
+    last_answer: Mutex<Option<Instant>>,
     pub info: HostInfo,
     /// This host's origin fetches, renewed with each heartbeat while they progress.
     pub origin_fetches: OriginFetches,
@@ -255,6 +257,7 @@ impl ControlClient {
             addr,
             conn: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(false),
+            last_answer: Mutex::new(None),
             info,
             origin_fetches: OriginFetches::default(),
             pending_announces: PendingAnnounces::default(),
@@ -271,7 +274,16 @@ impl ControlClient {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// How long since the supernode last answered; `None` if it never did.
+    pub fn silent_for(&self) -> Option<Duration> {
+        let last = *self.last_answer.lock().unwrap_or_else(|e| e.into_inner());
+        last.map(|t| t.elapsed())
+    }
+
     fn set_up(&self, up: bool) {
+        if up {
+            *self.last_answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
         self.up.store(up, Ordering::Relaxed);
         self.metrics.supernode_up.set(i64::from(up));
     }
