@@ -54,7 +54,7 @@ pub struct FileConfig {
     pub worker_threads: Option<usize>,
     pub concurrent_pieces: Option<usize>,
     pub stall_timeout_secs: Option<u64>,
-    /// Default true: see [`DaemonConfig::reuse_origin_connections`].
+    /// Default false: see [`DaemonConfig::reuse_origin_connections`].
     pub reuse_origin_connections: Option<bool>,
     pub proxy_listen: Option<SocketAddr>,
     pub default_registry: Option<String>,
@@ -111,16 +111,16 @@ pub struct DaemonConfig {
     pub upload_slots: u32,
     /// Threads of the async runtime; `None`: one per CPU (tokio's default).
     pub worker_threads: Option<usize>,
-    /// Keep origin connections open between range requests (the default). Off, every range
-    /// starts on a connection of its own. A long-lived connection keeps its congestion
+    /// Keep origin connections open between range requests (default off: every range
+    /// starts on a connection of its own). A long-lived connection keeps its congestion
     /// state, and with one per host on one origin link the split goes lopsided (swarm
     /// bench, BBR at the origin: estimates of 3.4 to 66 Mbit/s between the connections at
     /// one instant, `ss -ti`). Pieces on the slow ones straggle for seconds, and so do the
     /// peers taking them as they land. With the supernode's 16 origin fetches per task and
     /// a connection per range, ranges took 1.2-1.5 s each and 16 hosts finished in
-    /// 23.4-23.5 s, against 23.7-24.1 s with kept connections. With its default 8 the
-    /// difference was within run-to-run spread (3 runs against 6), and a handshake per
-    /// request costs a distant HTTPS origin.
+    /// 23.2-23.6 s, against 23.6 s with kept connections. The cost is a handshake per
+    /// range (two round trips with TLS, and slow start again): turn it on for a distant
+    /// HTTPS origin.
     pub reuse_origin_connections: bool,
     pub engine: EngineConfig,
     pub mirror: crate::mirror::MirrorConfig,
@@ -335,7 +335,7 @@ impl DaemonConfig {
             udp_receive_buffer,
             upload_slots,
             worker_threads,
-            reuse_origin_connections: file.reuse_origin_connections.unwrap_or(true),
+            reuse_origin_connections: file.reuse_origin_connections.unwrap_or(false),
             engine,
         };
         if errors.is_empty() {
@@ -409,13 +409,18 @@ mod tests {
         let cfg = DaemonConfig::resolve(file, Overrides::default()).unwrap();
         assert_eq!(cfg.udp_receive_buffer, 4 << 20);
         assert!(text.contains("reuse_origin_connections"), "{text}");
-        assert!(cfg.reuse_origin_connections);
+        assert!(!cfg.reuse_origin_connections);
+        let none = DaemonConfig::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert!(
+            !none.reuse_origin_connections,
+            "fresh connections by default"
+        );
     }
 
     #[test]
     fn flags_override_file() {
         let file: FileConfig = toml::from_str(
-            "host_id = \"a\"\nworker_threads = 2\nudp_receive_buffer = \"1MiB\"\nreuse_origin_connections = false\n[labels]\nzone = \"z1\"\nrack = \"r1\"",
+            "host_id = \"a\"\nworker_threads = 2\nudp_receive_buffer = \"1MiB\"\nreuse_origin_connections = true\n[labels]\nzone = \"z1\"\nrack = \"r1\"",
         )
         .unwrap();
         let cfg = DaemonConfig::resolve(
@@ -431,7 +436,7 @@ mod tests {
         assert_eq!(cfg.host_id.as_str(), "b");
         assert_eq!(cfg.worker_threads, Some(1));
         assert_eq!(cfg.udp_receive_buffer, 1 << 20);
-        assert!(!cfg.reuse_origin_connections);
+        assert!(cfg.reuse_origin_connections);
         assert!(cfg.labels.contains(&("zone".into(), "z2".into())));
         assert!(cfg.labels.contains(&("rack".into(), "r1".into())));
         assert!(matches!(cfg.supernode, SupernodeMode::Embedded));

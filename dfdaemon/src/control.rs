@@ -566,3 +566,72 @@ impl ControlClient {
 pub fn new_session() -> SessionId {
     SessionId(rand::random())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::Sha256Digest;
+
+    fn rec(piece: u32, tag: u8) -> PieceRecord {
+        PieceRecord {
+            piece: PieceIndex(piece),
+            digest: Sha256Digest::of(&[tag]),
+        }
+    }
+
+    #[test]
+    fn pending_announces_leave_only_when_that_record_is_confirmed() {
+        let p = PendingAnnounces::default();
+        let task = TaskId::for_url("http://o/f", &[], None);
+        p.add(task, AnnounceSource::Origin, &[rec(0, 0), rec(1, 1)]);
+        p.add(task, AnnounceSource::Peer, &[rec(2, 2)]);
+        assert_eq!(p.count(), 3);
+        // One batch per source, each with its own records.
+        let mut b = p.batches(16);
+        b.sort_by_key(|(_, s, _)| *s == AnnounceSource::Peer);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].2, vec![rec(0, 0), rec(1, 1)]);
+        assert_eq!(b[1].2, vec![rec(2, 2)]);
+        assert_eq!(p.batches(1)[0].2.len(), 1, "batches are capped");
+        // A confirmation of an older record of the piece (it was stored again since)
+        // does not drop the newer one.
+        p.add(task, AnnounceSource::Origin, &[rec(1, 9)]);
+        p.confirm(task, &[rec(0, 0), rec(1, 1)]);
+        assert_eq!(p.count(), 2);
+        p.confirm(task, &[rec(1, 9), rec(2, 2)]);
+        assert_eq!(p.count(), 0);
+        assert!(p.batches(16).is_empty());
+    }
+
+    #[test]
+    fn origin_fetches_report_progress_once_old_enough() {
+        let f = OriginFetches::default();
+        let task = TaskId::for_url("http://o/f", &[], None);
+        let a = f.start(task, PieceIndex(3));
+        let start = Instant::now();
+        assert!(
+            f.progressed(start, Duration::ZERO).is_empty(),
+            "no bytes yet"
+        );
+        a.received(100);
+        assert!(
+            f.progressed(start, Duration::from_secs(60)).is_empty(),
+            "too young"
+        );
+        let later = start + Duration::from_secs(61);
+        assert_eq!(
+            f.progressed(later, Duration::from_secs(60)),
+            vec![(task, vec![PieceIndex(3)])]
+        );
+        assert!(
+            f.progressed(later, Duration::from_secs(60)).is_empty(),
+            "reported already"
+        );
+        a.received(1);
+        assert_eq!(f.progressed(later, Duration::from_secs(60)).len(), 1);
+        // Bytes that came in just before the fetch ended renew nothing: it left.
+        a.received(5);
+        drop(a);
+        assert!(f.progressed(later, Duration::ZERO).is_empty());
+    }
+}

@@ -111,10 +111,10 @@ enum Gate {
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Pieces fetched at once per download; bounds memory at this many pieces in flight.
-    /// With the supernode's 16 origin fetches and 15 landing relays a host wants room
-    /// for one landing fetch from each of 15 lessees, its own origin fetch, and relays
-    /// of what they missed: set 24 then (16 hosts: 16 -> 23.7 / 23.9 s, 24 -> 23.4 /
-    /// 23.4 s, 32 or 48 no better).
+    /// With the supernode's default 16 origin fetches and 15 landing relays a host wants
+    /// room for one landing fetch from each of 15 lessees, its own origin fetch, and
+    /// relays of what they missed (16 hosts: 16 -> 23.7 / 23.9 s, 24 -> 23.4 / 23.4 s,
+    /// 32 or 48 no better).
     pub concurrent_pieces: usize,
     /// A download with no verified piece for this long fails instead of hanging.
     pub stall_timeout: Duration,
@@ -123,7 +123,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            concurrent_pieces: 16,
+            concurrent_pieces: 24,
             stall_timeout: Duration::from_secs(60),
         }
     }

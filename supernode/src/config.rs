@@ -161,8 +161,8 @@ mod tests {
         let mut errors = Vec::new();
         let cfg = file.scheduler.resolve(&mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(cfg.landing_relays, 3);
-        assert_eq!(cfg.origin_leases_per_task, 8);
+        assert_eq!(cfg.landing_relays, 15);
+        assert_eq!(cfg.origin_leases_per_task, 16);
         let off: FileConfig = toml::from_str("[scheduler]\nlanding_relays = 0").unwrap();
         assert_eq!(off.scheduler.resolve(&mut errors).landing_relays, 0);
         assert!(toml::from_str::<FileConfig>("[scheduler]\nlanding_relay = 1").is_err());

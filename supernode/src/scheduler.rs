@@ -43,13 +43,14 @@ pub const DEFAULT_ORIGIN_LEASES_PER_HOST: u32 = 4;
 /// nothing for the peers to share meanwhile (the swarm then took twice the bound).
 /// Measured on 16 hosts at 100 Mbit/s: 2 -> 1.21 x the bound (the origin link idles
 /// between ranges), 4 -> 1.08-1.10, 6 -> 1.07, 8 -> 1.06; on 8 hosts 4 -> 1.05, 8 -> 1.04.
-/// 16 (one per host there) with 15 landing relays and `dfdaemon`'s connection per
-/// origin range splits the origin's output evenly, and each lessee forwards its share to
-/// all others at the origin's pace: 16 hosts took 23.4-23.7 s instead of 23.5-23.9 s.
-/// Not the default: at 32 hosts on 25 Mbit/s links, with 16 ranges sharing the origin's
-/// link, pieces were fetched from the origin again (origin egress 1.020-1.024 F in three
-/// runs, 1.141 F in a fourth, against 1.004 F with 8); the cause is not pinned down.
-pub const DEFAULT_ORIGIN_LEASES_PER_TASK: u32 = 8;
+/// 16 (one per host there) with [`DEFAULT_LANDING_RELAYS`] 15 splits the origin's
+/// output evenly, and each lessee forwards its share to all others at the origin's
+/// pace: 16 hosts took 23.2-23.6 s against 23.4-23.6 s with 8 fetches and 3 relays, 32
+/// hosts on 25 Mbit/s 113-117 s against 120 s. At 32 hosts each fetch gets 1/16 of a
+/// 25 Mbit/s link and takes seconds, which only stays "each byte from the origin once"
+/// because leases are renewed while a fetch receives bytes and announces that fail are
+/// sent again (before both, 1.020-1.141 F).
+pub const DEFAULT_ORIGIN_LEASES_PER_TASK: u32 = 16;
 /// Missing pieces taken strictly in order before rarest-first applies, so a client
 /// streaming the content sees its next bytes soon.
 pub const DEFAULT_IN_ORDER_LOOKAHEAD: u32 = 4;
@@ -59,10 +60,9 @@ pub const DEFAULT_PARENTS_PER_PIECE: usize = 4;
 /// then starts with the origin's first byte instead of a whole piece later; on 16 hosts
 /// the hosts' links were otherwise mostly idle for the first second of a cold fetch.
 /// With 16 fetches in flight each gets 1/16 of the origin's link, so 15 relays fit in
-/// 15/16 of the lessee's: on 16 hosts that is everyone, and 77-84% of all piece copies
-/// then came this way (3 relays with 8 fetches: 20%); see
-/// [`DEFAULT_ORIGIN_LEASES_PER_TASK`] for why that is not the default.
-pub const DEFAULT_LANDING_RELAYS: u32 = 3;
+/// 15/16 of the lessee's: on 16 hosts that is everyone, and 71-84% of all piece copies
+/// then came this way (3 relays with 8 fetches: 20%).
+pub const DEFAULT_LANDING_RELAYS: u32 = 15;
 /// Corrupt-piece reports after which a host is not offered as a parent for a while.
 const BAD_PIECE_QUARANTINE_AFTER: u32 = 3;
 /// How long a host that keeps sending corrupt pieces is skipped as a parent.

@@ -515,18 +515,18 @@ fn slow_origin_fetch_keeps_its_lease() {
     assert_eq!(sn.metric("supernode_origin_leases_lapsed_total", ""), 0.0);
 }
 
-/// With `reuse_origin_connections = false` every origin request (the probe and each
-/// range) comes on a connection of its own; by default the daemon keeps them.
+/// By default every origin request (the probe and each range) comes on a connection of
+/// its own; with `reuse_origin_connections = true` the daemon keeps them.
 #[test]
 fn origin_requests_get_a_connection_each_unless_reused() {
     let root = tempfile::tempdir().unwrap();
     let sn = SupernodeProc::start(&root.path().join("supernode")).unwrap();
-    let fresh_cfg = root.path().join("fresh.toml");
-    std::fs::write(&fresh_cfg, "reuse_origin_connections = false\n").unwrap();
-    let fresh_arg = fresh_cfg.display().to_string();
+    let kept_cfg = root.path().join("kept.toml");
+    std::fs::write(&kept_cfg, "reuse_origin_connections = true\n").unwrap();
+    let kept_arg = kept_cfg.display().to_string();
     for (name, extra, fresh) in [
-        ("fresh", vec!["--config", fresh_arg.as_str()], true),
-        ("kept", vec![], false),
+        ("fresh", vec![], true),
+        ("kept", vec!["--config", kept_arg.as_str()], false),
     ] {
         let data = random_bytes(16 * MIB, 11);
         let want = sha256_hex(&data);
