@@ -129,6 +129,8 @@ impl OriginFetches {
 #[derive(Default)]
 pub struct PendingAnnounces {
     inner: Mutex<HashMap<TaskId, TaskPending>>,
+    /// Kept equal to [`PendingAnnounces::count`] (`dfdaemon_pending_announces`).
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// One task's unacknowledged records, by piece.
@@ -139,12 +141,25 @@ impl PendingAnnounces {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn with_gauge(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            inner: Mutex::default(),
+            gauge,
+        }
+    }
+
+    fn publish(&self, m: &HashMap<TaskId, TaskPending>) {
+        self.gauge
+            .set(m.values().map(BTreeMap::len).sum::<usize>() as i64);
+    }
+
     pub fn add(&self, task: TaskId, source: AnnounceSource, records: &[PieceRecord]) {
         let mut m = self.lock();
         let t = m.entry(task).or_default();
         for r in records {
             t.insert(r.piece, (source, *r));
         }
+        self.publish(&m);
     }
 
     /// The supernode has these records now.
@@ -160,16 +175,14 @@ impl PendingAnnounces {
                 m.remove(&task);
             }
         }
-    }
-
-    /// Forgets a task's records: they were all announced another way.
-    pub fn forget(&self, task: TaskId) {
-        self.lock().remove(&task);
+        self.publish(&m);
     }
 
     /// Forgets everything: a registration re-announces the whole store.
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut m = self.lock();
+        m.clear();
+        self.publish(&m);
     }
 
     /// Per task and source, up to `max` records of each.
@@ -260,7 +273,7 @@ impl ControlClient {
             last_answer: Mutex::new(None),
             info,
             origin_fetches: OriginFetches::default(),
-            pending_announces: PendingAnnounces::default(),
+            pending_announces: PendingAnnounces::with_gauge(metrics.pending_announces.clone()),
             metrics,
         }
     }
@@ -352,23 +365,23 @@ impl ControlClient {
         self.pending_announces.clear();
         let mut announced = 0usize;
         for (task, meta) in store.tasks() {
-            announced += self.announce_stored(store, task, &meta).await?;
+            announced += self.announce_stored(store, task, &meta).await?.len();
         }
         tracing::info!(supernode = %self.addr, pieces = announced, "registered with supernode");
         Ok(())
     }
 
     /// Registers for a stored task and announces every piece of it the store holds
-    /// (restoring the task's layout on the supernode if it lost it). Returns how many
-    /// pieces were announced.
+    /// (restoring the task's layout on the supernode if it lost it). Returns the records
+    /// announced.
     async fn announce_stored(
         &self,
         store: &Store,
         task: TaskId,
         meta: &TaskMeta,
-    ) -> Result<usize, ControlError> {
+    ) -> Result<Vec<PieceRecord>, ControlError> {
         let Some(layout) = meta.layout else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let pieces: Vec<PieceRecord> = store
             .digests(&task)
@@ -376,7 +389,7 @@ impl ControlClient {
             .map(|(piece, digest)| PieceRecord { piece, digest })
             .collect();
         if pieces.is_empty() {
-            return Ok(0);
+            return Ok(pieces);
         }
         let view = self
             .call(&ControlRequest::RegisterPeer {
@@ -398,13 +411,12 @@ impl ControlClient {
             })
             .await?;
         }
-        let count = pieces.len();
         match self
             .call(&ControlRequest::AnnouncePieces {
                 host: self.info.host.clone(),
                 task,
                 source: AnnounceSource::Restored,
-                pieces,
+                pieces: pieces.clone(),
             })
             .await
         {
@@ -417,7 +429,7 @@ impl ControlClient {
             }
             Err(e) => return Err(e),
         }
-        Ok(count)
+        Ok(pieces)
     }
 
     /// Tells the supernode which origin fetches are still receiving bytes, so their
@@ -431,8 +443,14 @@ impl ControlClient {
                 task,
                 pieces,
             };
-            if let Err(e) = self.call(&req).await {
-                tracing::debug!(%task, error = %e, "origin lease renewal failed");
+            match self.call(&req).await {
+                Ok(_) => {}
+                // Each further call would wait out its own timeout too.
+                Err(e @ ControlError::Unreachable(_)) => {
+                    tracing::debug!(%task, error = %e, "origin lease renewal failed");
+                    return;
+                }
+                Err(e) => tracing::debug!(%task, error = %e, "origin lease renewal refused"),
             }
         }
     }
@@ -440,11 +458,12 @@ impl ControlClient {
     /// Sends the announces that did not get through, for pieces still stored.
     async fn resend_announces(&self, store: &Store) {
         for (task, source, records) in self.pending_announces.batches(MAX_ASSIGNMENTS as usize) {
-            let stored = store.stored(&task);
+            let stored: HashMap<PieceIndex, proto::Sha256Digest> =
+                store.digests(&task).into_iter().collect();
             let (held, gone): (Vec<PieceRecord>, Vec<PieceRecord>) = records
                 .into_iter()
-                .partition(|r| stored.as_ref().is_some_and(|s| s.contains(r.piece)));
-            // Evicted since: nothing to announce.
+                .partition(|r| stored.get(&r.piece) == Some(&r.digest));
+            // Evicted (or stored anew) since: nothing to announce.
             self.pending_announces.confirm(task, &gone);
             if held.is_empty() {
                 continue;
@@ -479,9 +498,11 @@ impl ControlClient {
                         continue;
                     };
                     match self.announce_stored(store, task, &meta).await {
-                        Ok(n) => {
-                            tracing::info!(%task, pieces = n, "registered late for a stored task");
-                            self.pending_announces.forget(task);
+                        Ok(sent) => {
+                            tracing::info!(%task, pieces = sent.len(), "registered late for a stored task");
+                            // Only what went out: the download may have stored (and
+                            // failed to announce) more pieces meanwhile.
+                            self.pending_announces.confirm(task, &sent);
                         }
                         Err(e) => {
                             tracing::debug!(%task, error = %e, "late registration failed; retried with the next heartbeat");
@@ -533,9 +554,6 @@ impl ControlClient {
                 Ok(_) => {
                     self.renew_origin_leases().await;
                     self.resend_announces(&store).await;
-                    self.metrics
-                        .pending_announces
-                        .set(self.pending_announces.count() as i64);
                 }
                 Err(e) if e.is_unknown_host() => {
                     tracing::info!(

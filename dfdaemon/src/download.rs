@@ -783,11 +783,14 @@ impl Engine {
                     }
                 }
                 if !sn_ok {
+                    // ...or this download's own calls have failed that long (a supernode
+                    // answering heartbeats but not this task must not hold it up).
                     let origin_allowed = now >= origin_fallback_at
-                        && self
+                        && (self
                             .control
                             .silent_for()
-                            .is_none_or(|s| s >= SUPERNODE_SILENCE);
+                            .is_none_or(|s| s >= SUPERNODE_SILENCE)
+                            || now >= origin_fallback_at + (SUPERNODE_SILENCE - SUPERNODE_GRACE));
                     for piece in stored.missing().filter(|p| !busy.contains(*p)).take(slots) {
                         let ps = parents
                             .get(&piece)

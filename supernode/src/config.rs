@@ -31,6 +31,9 @@ pub struct FileConfig {
     pub scheduler: SchedulerFile,
 }
 
+/// Shortest origin lease the renewal cadence allows.
+pub const MIN_ORIGIN_LEASE_SECS: u64 = 6;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerFile {
@@ -90,6 +93,16 @@ impl SchedulerFile {
             min_piece_size: self.min_piece_size.unwrap_or(d.min_piece_size),
             max_piece_size: self.max_piece_size.unwrap_or(d.max_piece_size),
         };
+        // Daemons renew the leases of live fetches every 2 s, starting 2 s into a fetch;
+        // a shorter lease would lapse before the first renewal arrives.
+        if self
+            .origin_lease_secs
+            .is_some_and(|s| (1..MIN_ORIGIN_LEASE_SECS).contains(&s))
+        {
+            errors.push(format!(
+                "scheduler.origin_lease_secs must be >= {MIN_ORIGIN_LEASE_SECS} (daemons renew leases every 2 s)"
+            ));
+        }
         let range = proto::layout::MIN_PIECE_SIZE..=proto::layout::MAX_PIECE_SIZE;
         if !range.contains(&cfg.min_piece_size)
             || !range.contains(&cfg.max_piece_size)
@@ -166,5 +179,9 @@ mod tests {
         let off: FileConfig = toml::from_str("[scheduler]\nlanding_relays = 0").unwrap();
         assert_eq!(off.scheduler.resolve(&mut errors).landing_relays, 0);
         assert!(toml::from_str::<FileConfig>("[scheduler]\nlanding_relay = 1").is_err());
+        let short: FileConfig = toml::from_str("[scheduler]\norigin_lease_secs = 5").unwrap();
+        let mut errors = Vec::new();
+        short.scheduler.resolve(&mut errors);
+        assert_eq!(errors.len(), 1, "{errors:?}");
     }
 }

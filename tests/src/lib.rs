@@ -261,11 +261,11 @@ impl SupernodeProc {
         self.wait_ready()
     }
 
-    /// Value of a Prometheus counter (sum over label sets matching `labels`).
+    /// Value of a Prometheus counter (sum over label sets matching `labels`). Panics if
+    /// the supernode does not answer, so a dead API can't pass for a zero.
     pub fn metric(&self, name: &str, labels: &str) -> f64 {
-        let Ok((_, body)) = http_get(self.api, "/metrics") else {
-            return 0.0;
-        };
+        let (status, body) = http_get(self.api, "/metrics").expect("supernode /metrics");
+        assert_eq!(status, 200, "supernode /metrics");
         parse_metric(&String::from_utf8_lossy(&body), name, labels)
     }
 

@@ -315,7 +315,9 @@ fn announces_lost_while_the_supernode_was_frozen_arrive_later() {
     };
     signal("-STOP");
     let out = a.dfget(&url, &root.path().join("a.out"), &[]);
+    let pending = a.metric("dfdaemon_pending_announces", "");
     signal("-CONT");
+    assert!(pending >= 8.0, "{pending} announces pending while frozen");
     tests::assert_success(&out);
     assert_eq!(file_sha256(&root.path().join("a.out")).unwrap(), want);
     wait_for(
@@ -337,7 +339,9 @@ fn announces_lost_while_the_supernode_was_frozen_arrive_later() {
         "kind=\"register_host\",result=\"ok\"",
     );
     assert_eq!(registrations, 2.0, "each daemon registered once");
-    assert_eq!(a.metric("dfdaemon_pending_announces", ""), 0.0);
+    wait_for("no announce pending", Duration::from_secs(10), || {
+        a.metric("dfdaemon_pending_announces", "") == 0.0
+    });
     let sent = origin.bytes_sent();
     tests::assert_success(&b.dfget(&url, &root.path().join("b.out"), &[]));
     assert_eq!(file_sha256(&root.path().join("b.out")).unwrap(), want);
@@ -479,21 +483,21 @@ fn daemons_on_one_worker_thread_share_a_file() {
 
 /// A slow but live origin fetch keeps its lease: the daemon renews it while bytes
 /// arrive, so the piece is not handed to a second host and fetched from the origin
-/// twice. The lease here (5 s) is well under the fetch (16 chunks, 0.75 s apart).
+/// twice. The lease here (10 s) is well under the fetch (16 chunks, 1 s apart).
 #[test]
 fn slow_origin_fetch_keeps_its_lease() {
     let root = tempfile::tempdir().unwrap();
     // No landing relays: the second host can only wait for the piece or take the lease.
     let sn = SupernodeProc::start_with_config(
         &root.path().join("supernode"),
-        "[scheduler]\norigin_lease_secs = 5\nlanding_relays = 0\n",
+        "[scheduler]\norigin_lease_secs = 10\nlanding_relays = 0\n",
     )
     .unwrap();
     let data = random_bytes(MIB, 12);
     let want = sha256_hex(&data);
     let origin = Origin::start_paced(
         HashMap::from([("f".to_string(), data)]),
-        Duration::from_millis(750),
+        Duration::from_secs(1),
     )
     .unwrap();
     let a = DaemonProc::start(&sn, root.path(), "a", &[]).unwrap();
