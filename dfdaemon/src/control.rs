@@ -38,18 +38,12 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// a heartbeat are not renewed: most finish well within their lease.
 #[derive(Default)]
 pub struct OriginFetches {
-    inner: Mutex<FetchTable>,
-}
-
-#[derive(Default)]
-struct FetchTable {
-    next_id: u64,
-    fetches: HashMap<(TaskId, PieceIndex), Fetch>,
+    inner: Mutex<HashMap<(TaskId, PieceIndex), Fetch>>,
 }
 
 struct Fetch {
-    id: u64,
     started: Instant,
+    /// Shared with the fetch's [`OriginFetch`], which also tells its own entry by it.
     received: Arc<AtomicU64>,
     reported: u64,
 }
@@ -58,7 +52,6 @@ struct Fetch {
 pub struct OriginFetch<'a> {
     table: &'a OriginFetches,
     key: (TaskId, PieceIndex),
-    id: u64,
     received: Arc<AtomicU64>,
 }
 
@@ -71,27 +64,26 @@ impl OriginFetch<'_> {
 impl Drop for OriginFetch<'_> {
     fn drop(&mut self) {
         let mut t = self.table.lock();
-        if t.fetches.get(&self.key).is_some_and(|f| f.id == self.id) {
-            t.fetches.remove(&self.key);
+        // A later fetch of the same piece may have replaced this one's entry.
+        if t.get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(&f.received, &self.received))
+        {
+            t.remove(&self.key);
         }
     }
 }
 
 impl OriginFetches {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FetchTable> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TaskId, PieceIndex), Fetch>> {
         // The table stays consistent whatever a panicking holder was doing.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn start(&self, task: TaskId, piece: PieceIndex) -> OriginFetch<'_> {
-        let mut t = self.lock();
-        t.next_id += 1;
-        let id = t.next_id;
         let received = Arc::new(AtomicU64::new(0));
-        t.fetches.insert(
+        self.lock().insert(
             (task, piece),
             Fetch {
-                id,
                 started: Instant::now(),
                 received: received.clone(),
                 reported: 0,
@@ -100,7 +92,6 @@ impl OriginFetches {
         OriginFetch {
             table: self,
             key: (task, piece),
-            id,
             received,
         }
     }
@@ -110,7 +101,7 @@ impl OriginFetches {
     pub fn progressed(&self, now: Instant, min_age: Duration) -> Vec<(TaskId, Vec<PieceIndex>)> {
         let mut by_task: HashMap<TaskId, Vec<PieceIndex>> = HashMap::new();
         let mut t = self.lock();
-        for ((task, piece), f) in t.fetches.iter_mut() {
+        for ((task, piece), f) in t.iter_mut() {
             let received = f.received.load(Ordering::Relaxed);
             if now.saturating_duration_since(f.started) >= min_age && received > f.reported {
                 f.reported = received;
@@ -148,9 +139,12 @@ impl PendingAnnounces {
         }
     }
 
+    fn total(m: &HashMap<TaskId, TaskPending>) -> usize {
+        m.values().map(BTreeMap::len).sum()
+    }
+
     fn publish(&self, m: &HashMap<TaskId, TaskPending>) {
-        self.gauge
-            .set(m.values().map(BTreeMap::len).sum::<usize>() as i64);
+        self.gauge.set(Self::total(m) as i64);
     }
 
     pub fn add(&self, task: TaskId, source: AnnounceSource, records: &[PieceRecord]) {
@@ -211,7 +205,7 @@ impl PendingAnnounces {
 
     /// Records waiting, over all tasks.
     pub fn count(&self) -> usize {
-        self.lock().values().map(BTreeMap::len).sum()
+        Self::total(&self.lock())
     }
 }
 
@@ -651,5 +645,15 @@ mod tests {
         a.received(5);
         drop(a);
         assert!(f.progressed(later, Duration::ZERO).is_empty());
+        // A fetch that replaced an older one of the same piece outlives the older guard.
+        let old = f.start(task, PieceIndex(5));
+        let new = f.start(task, PieceIndex(5));
+        drop(old);
+        new.received(1);
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            f.progressed(later, Duration::ZERO),
+            vec![(task, vec![PieceIndex(5)])]
+        );
     }
 }
