@@ -27,6 +27,11 @@ pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
 /// slots make each transfer fast, so a new piece is relayed on sooner and spreads as a
 /// tree (swarm bench, 8 hosts: 16 slots 1.21 x the bound, 4 slots 1.11 x, 2 slots 1.09 x).
 pub const DEFAULT_UPLOAD_SLOTS: u32 = 4;
+/// Uploads of pieces still landing from the origin at once: the supernode's default 15
+/// peers on this host's origin fetch, plus one. A request past it waits for a slot.
+pub const DEFAULT_LANDING_UPLOAD_SLOTS: usize = 16;
+/// Upper bound for `landing_upload_slots`.
+pub const MAX_LANDING_UPLOAD_SLOTS: usize = 1024;
 /// Upper bound for `worker_threads`: beyond it a typo, not a plan.
 pub const MAX_WORKER_THREADS: usize = 256;
 
@@ -50,6 +55,7 @@ pub struct FileConfig {
     /// e.g. "4MiB" (the default); "0" keeps the kernel's default buffer.
     pub udp_receive_buffer: Option<String>,
     pub upload_slots: Option<u32>,
+    pub landing_upload_slots: Option<usize>,
     /// Async worker threads; unset: one per CPU.
     pub worker_threads: Option<usize>,
     pub concurrent_pieces: Option<usize>,
@@ -109,6 +115,9 @@ pub struct DaemonConfig {
     /// Receive buffer of the peer socket, bytes; 0 keeps the kernel's default.
     pub udp_receive_buffer: u64,
     pub upload_slots: u32,
+    /// Peers served a piece while it lands from the origin, at once; see
+    /// [`DEFAULT_LANDING_UPLOAD_SLOTS`].
+    pub landing_upload_slots: usize,
     /// Threads of the async runtime; `None`: one per CPU (tokio's default).
     pub worker_threads: Option<usize>,
     /// Keep origin connections open between range requests (default off: every range
@@ -251,6 +260,14 @@ impl DaemonConfig {
         if upload_slots == 0 {
             errors.push("upload_slots must be at least 1".into());
         }
+        let landing_upload_slots = file
+            .landing_upload_slots
+            .unwrap_or(DEFAULT_LANDING_UPLOAD_SLOTS);
+        if landing_upload_slots == 0 || landing_upload_slots > MAX_LANDING_UPLOAD_SLOTS {
+            errors.push(format!(
+                "landing_upload_slots must be 1..={MAX_LANDING_UPLOAD_SLOTS}"
+            ));
+        }
         let worker_threads = flags.worker_threads.or(file.worker_threads);
         if worker_threads.is_some_and(|n| n == 0 || n > MAX_WORKER_THREADS) {
             errors.push(format!("worker_threads must be 1..={MAX_WORKER_THREADS}"));
@@ -334,6 +351,7 @@ impl DaemonConfig {
             memory_cache,
             udp_receive_buffer,
             upload_slots,
+            landing_upload_slots,
             worker_threads,
             reuse_origin_connections: file.reuse_origin_connections.unwrap_or(false),
             engine,
@@ -372,7 +390,7 @@ mod tests {
     fn unknown_keys_rejected_and_errors_collected() {
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
         let file: FileConfig = toml::from_str(
-            "quota = \"lots\"\nupload_slots = 0\nworker_threads = 0\nudp_receive_buffer = \"big\"",
+            "quota = \"lots\"\nupload_slots = 0\nlanding_upload_slots = 0\nworker_threads = 0\nudp_receive_buffer = \"big\"",
         )
         .unwrap();
         let errs = DaemonConfig::resolve(
@@ -383,7 +401,11 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert_eq!(errs.len(), 6, "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("landing_upload_slots")),
+            "{errs:?}"
+        );
         let errs = DaemonConfig::resolve(
             FileConfig::default(),
             Overrides {

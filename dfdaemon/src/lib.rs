@@ -54,10 +54,6 @@ use crate::peer::PeerClient;
 
 /// Peer connections served at once; each costs a few hundred KiB of QUIC state.
 pub const MAX_PEER_CONNECTIONS: usize = 1024;
-/// Uploads of pieces still landing from the origin at once: room for the supernode's
-/// largest useful setting, 15 peers on a host's one origin fetch of a task (by default it
-/// sends 3 peers to each of a host's few fetches). Past it a peer is told busy.
-const LANDING_UPLOAD_SLOTS: usize = 16;
 /// How long shutdown waits for running work before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -255,7 +251,7 @@ impl Daemon {
                 store: store.clone(),
                 slots: uploads.clone(),
                 landings,
-                landing_slots: Arc::new(Semaphore::new(LANDING_UPLOAD_SLOTS)),
+                landing_slots: Arc::new(Semaphore::new(cfg.landing_upload_slots)),
                 metrics: metrics.clone(),
             };
             let tracker2 = tracker.clone();

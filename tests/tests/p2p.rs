@@ -519,6 +519,71 @@ fn slow_origin_fetch_keeps_its_lease() {
     assert_eq!(sn.metric("supernode_origin_leases_lapsed_total", ""), 0.0);
 }
 
+/// A piece still landing at its lessee has no other source, so a relay the lessee
+/// answers busy (its landing slots taken) asks again shortly instead of giving the piece
+/// up to a whole fetch once it is stored.
+#[test]
+fn relay_answered_busy_by_a_landing_piece_asks_again() {
+    let root = tempfile::tempdir().unwrap();
+    let sn = SupernodeProc::start_with_config(
+        &root.path().join("supernode"),
+        "[scheduler]\nlanding_relays = 2\n",
+    )
+    .unwrap();
+    let data = random_bytes(MIB, 13);
+    let want = sha256_hex(&data);
+    // 16 paces of 60 ms: the piece lands over about 1 s, and the relay answered busy
+    // asks again for 1.8 s.
+    let origin = Origin::start_paced(
+        HashMap::from([("f".to_string(), data)]),
+        Duration::from_millis(60),
+    )
+    .unwrap();
+    let one_slot = root.path().join("one-slot.toml");
+    std::fs::write(&one_slot, "landing_upload_slots = 1\n").unwrap();
+    let one_slot = one_slot.display().to_string();
+    let a = DaemonProc::start(&sn, root.path(), "a", &["--config", &one_slot]).unwrap();
+    let relays: Vec<DaemonProc> = ["b", "c"]
+        .iter()
+        .map(|n| DaemonProc::start(&sn, root.path(), n, &[]).unwrap())
+        .collect();
+    let mut first = a.dfget_spawn(&origin.url("f"), &root.path().join("a.out"), &[]);
+    // The probe, then the piece's range: from then on the piece is landing at `a`.
+    wait_for("the origin fetch to start", Duration::from_secs(30), || {
+        origin.requests() >= 2
+    });
+    let children: Vec<_> = relays
+        .iter()
+        .map(|d| {
+            let out = root.path().join(format!("{}.out", d.host_id));
+            (d.dfget_spawn(&origin.url("f"), &out, &[]), out)
+        })
+        .collect();
+    assert!(first.wait().unwrap().success(), "dfget on a failed");
+    for (c, out) in children {
+        let o = c.wait_with_output().unwrap();
+        tests::assert_success(&o);
+        assert_eq!(file_sha256(&out).unwrap(), want);
+    }
+    assert!(
+        origin.bytes_sent() < MIB as u64 * 3 / 2,
+        "the origin sent the piece more than once: {} bytes",
+        origin.bytes_sent()
+    );
+    let taken: f64 = relays
+        .iter()
+        .map(|d| d.metric("dfdaemon_landing_pieces_total", ""))
+        .sum();
+    // One relay had the slot; the other was told busy at least once and still took the
+    // piece on the landing path (as it landed, or whole if it was done by the time it
+    // asked again), not as a fresh assignment after it was stored.
+    assert!(
+        a.metric("dfdaemon_upload_busy_total", "") >= 1.0,
+        "the single landing slot was never contended"
+    );
+    assert_eq!(taken, 2.0, "a relay gave the landing piece up");
+}
+
 /// By default every origin request (the probe and each range) comes on a connection of
 /// its own; with `reuse_origin_connections = true` the daemon keeps them.
 #[test]
