@@ -28,7 +28,8 @@ pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
 /// tree (swarm bench, 8 hosts: 16 slots 1.21 x the bound, 4 slots 1.11 x, 2 slots 1.09 x).
 pub const DEFAULT_UPLOAD_SLOTS: u32 = 4;
 /// Uploads of pieces still landing from the origin at once: the supernode's default 15
-/// peers on this host's origin fetch, plus one. A request past it waits for a slot.
+/// peers on this host's origin fetch, plus one. Past it a peer is told busy, and asks
+/// again shortly (the download engine's `LANDING_BUSY_ROUNDS`).
 pub const DEFAULT_LANDING_UPLOAD_SLOTS: usize = 16;
 /// Upper bound for `landing_upload_slots`.
 pub const MAX_LANDING_UPLOAD_SLOTS: usize = 1024;
