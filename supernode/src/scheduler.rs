@@ -1326,6 +1326,16 @@ mod tests {
         Sha256Digest::of(&p.to_le_bytes())
     }
 
+    /// Records of pieces `0..n` with their test digests.
+    fn records(n: u32) -> Vec<PieceRecord> {
+        (0..n)
+            .map(|p| PieceRecord {
+                piece: PieceIndex(p),
+                digest: digest(p),
+            })
+            .collect()
+    }
+
     /// A scheduler with `n` hosts registered for one task of `pieces` pieces.
     fn setup(n: usize, pieces: u32, range: bool) -> (Scheduler, Instant) {
         let now = Instant::now();
@@ -1441,12 +1451,7 @@ mod tests {
     #[test]
     fn a_host_that_may_take_an_origin_fetch_gets_it_before_peer_pieces() {
         let (mut s, now) = setup(3, 8, true);
-        let recs: Vec<_> = (0..4)
-            .map(|p| PieceRecord {
-                piece: PieceIndex(p),
-                digest: digest(p),
-            })
-            .collect();
+        let recs = records(4);
         s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now)
             .unwrap();
         let one = |s: &mut Scheduler| {
@@ -1621,12 +1626,7 @@ mod tests {
         let (mut s, now) = setup(3, 4, true);
         let r = schedule(&mut s, 0, &PieceSet::new(4), now);
         assert_eq!(r.assignments.len(), 1, "a third of the origin budget");
-        let recs: Vec<_> = (0..4)
-            .map(|p| PieceRecord {
-                piece: PieceIndex(p),
-                digest: digest(p),
-            })
-            .collect();
+        let recs = records(4);
         s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now)
             .unwrap();
         let r = schedule(&mut s, 1, &PieceSet::new(4), now);
@@ -1750,12 +1750,7 @@ mod tests {
     #[test]
     fn corrupt_reports_remove_piece_and_quarantine_parent() {
         let (mut s, now) = setup(3, 4, true);
-        let recs: Vec<_> = (0..4)
-            .map(|p| PieceRecord {
-                piece: PieceIndex(p),
-                digest: digest(p),
-            })
-            .collect();
+        let recs = records(4);
         s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now)
             .unwrap();
         s.handle_announce(&host(2), task(), AnnounceSource::Restored, &recs, now)
@@ -1843,12 +1838,7 @@ mod tests {
     #[test]
     fn restarted_session_forgets_pieces_until_reannounced() {
         let (mut s, now) = setup(2, 2, true);
-        let recs: Vec<_> = (0..2)
-            .map(|p| PieceRecord {
-                piece: PieceIndex(p),
-                digest: digest(p),
-            })
-            .collect();
+        let recs = records(2);
         s.handle_announce(&host(0), task(), AnnounceSource::Origin, &recs, now)
             .unwrap();
         let mut restarted = info(0, &[]);
