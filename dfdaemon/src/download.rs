@@ -549,13 +549,7 @@ impl Engine {
                 if sn_ok {
                     // The supernode lost the task; tell it what we know.
                     let _ = self
-                        .control
-                        .call(&ControlRequest::ReportLayout {
-                            host: host.clone(),
-                            task: id,
-                            content_length: l.content_length,
-                            supports_range: meta.supports_range,
-                        })
+                        .report_layout(id, l.content_length, meta.supports_range)
                         .await;
                 }
                 break (l, meta.supports_range);
@@ -569,13 +563,7 @@ impl Engine {
                 probe_body = p.body.take();
                 if sn_ok {
                     match self
-                        .control
-                        .call(&ControlRequest::ReportLayout {
-                            host: host.clone(),
-                            task: id,
-                            content_length: p.content_length,
-                            supports_range: p.supports_range,
-                        })
+                        .report_layout(id, p.content_length, p.supports_range)
                         .await
                     {
                         Ok(ControlResponse::Task(v)) if v.layout.is_some() => {
@@ -712,6 +700,15 @@ impl Engine {
                                     ErrorKind::OriginUnreachable,
                                     "content length changed at the origin during the download",
                                 ));
+                            }
+                            if r.layout.is_none() {
+                                // The supernode has the task but not its layout: it
+                                // restarted, or this download began while it did not know
+                                // this host and probed alone. Until it hears the layout
+                                // it leases nothing, and the download would stall.
+                                let _ = self
+                                    .report_layout(id, layout.content_length, supports_range)
+                                    .await;
                             }
                             for a in r.assignments {
                                 match a.source {
@@ -959,6 +956,23 @@ impl Engine {
             ));
         }
         Ok(())
+    }
+
+    /// Tells the supernode a task's content length, which it lays the task out from.
+    async fn report_layout(
+        &self,
+        task: TaskId,
+        content_length: u64,
+        supports_range: bool,
+    ) -> Result<ControlResponse, ControlError> {
+        self.control
+            .call(&ControlRequest::ReportLayout {
+                host: self.control.host().clone(),
+                task,
+                content_length,
+                supports_range,
+            })
+            .await
     }
 
     /// Applies one job result; `Ok(Some(piece))` when a piece landed.
