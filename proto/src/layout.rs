@@ -10,22 +10,21 @@ use crate::ids::PieceIndex;
 
 /// Smallest piece size picked automatically. A piece is relayed only once it is whole and
 /// verified, so its transfer time is the swarm's per-hop delay: 4 MiB pieces left a
-/// 128 MiB / 8-host swarm at 1.31 x the bound, 1 MiB at 1.11 x (bench/swarm.sh). Relaying
-/// pieces as they land took that delay out but left a tail of about half a piece
-/// per relay at the end: the last origin fetches speed up as the others finish, and each
-/// lessee's link owes 15 copies of what landed. On 16 hosts, 256 MiB, 100 Mbit/s,
-/// alternated runs: 1 MiB 23.2-23.4 s, 512 KiB 23.1-23.2 s, 256 KiB 22.8-23.1 s, 128 KiB
-/// 26.6-26.7 s. Per-piece costs (a schedule round trip, a QUIC stream, a record check)
-/// are what grows: the machine went from 81-85% busy at 1 MiB to 90-92% at 512 KiB and
-/// 97-98% at 256 KiB, and 128 KiB ran out of CPU. 512 KiB keeps most of the gain with
-/// headroom, and the supernode's load with it: 12,300 schedule requests a run, against
-/// 7,800 at 1 MiB and 19,700 at 256 KiB.
-pub const DEFAULT_MIN_PIECE_SIZE: u32 = 512 << 10;
+/// 128 MiB / 8-host swarm at 1.31 x the bound, 1 MiB at 1.11 x (bench/swarm.sh).
+///
+/// Smaller is not better everywhere. On 16 hosts at 100 Mbit/s (256 MiB, alternated
+/// runs) 512 KiB pieces took 23.1-23.2 s against 23.2-23.4 s at 1 MiB (the last origin
+/// pieces leave less for their lessees to pass on at the end), and 256 KiB 22.8-23.0 s at
+/// 96-99% CPU; 128 KiB ran out of CPU (26.6-26.7 s). But on 32 hosts at 25 Mbit/s, where
+/// half of each piece's copies are made from stored pieces, 512 KiB took 133.5 s against
+/// 112.4 s at 1 MiB in the same session: per-piece gaps between uploads (a schedule
+/// round trip, a retry after a busy parent) cost more of a smaller piece's transfer. So
+/// 1 MiB stays; `min_piece_size` / `max_piece_size` in the supernode's config change it.
+pub const DEFAULT_MIN_PIECE_SIZE: u32 = 1 << 20;
 /// Largest piece size picked automatically: bounds the memory one in-flight piece pins.
 pub const DEFAULT_MAX_PIECE_SIZE: u32 = 16 << 20;
 /// Target piece count; the piece size grows (by powers of two) past it for large files.
-/// With [`DEFAULT_MIN_PIECE_SIZE`], 512 KiB pieces up to 256 MiB.
-pub const TARGET_PIECE_COUNT: u64 = 512;
+pub const TARGET_PIECE_COUNT: u64 = 256;
 /// Smallest piece size a layout may declare (tests use small pieces to get many of them).
 pub const MIN_PIECE_SIZE: u32 = 16 << 10;
 /// Largest piece size a layout may declare: a receiver buffers one piece per in-flight
@@ -232,11 +231,11 @@ mod tests {
         let l =
             |len| PieceLayout::choose(len, DEFAULT_MIN_PIECE_SIZE, DEFAULT_MAX_PIECE_SIZE).unwrap();
         assert_eq!(l(0).piece_count(), 0);
-        assert_eq!(l(1).piece_size, 512 << 10);
-        assert_eq!(l(256 * MIB).piece_count(), 512);
-        assert_eq!(l(256 * MIB + 1).piece_size, 1 << 20);
-        assert_eq!(l(1024 * MIB).piece_size, 2 << 20);
-        assert_eq!(l(1024 * MIB + 1).piece_size, 4 << 20);
+        assert_eq!(l(1).piece_size, 1 << 20);
+        assert_eq!(l(256 * MIB).piece_count(), 256);
+        assert_eq!(l(256 * MIB + 1).piece_size, 2 << 20);
+        assert_eq!(l(1024 * MIB).piece_size, 4 << 20);
+        assert_eq!(l(1024 * MIB + 1).piece_size, 8 << 20);
         assert_eq!(l(100 * 1024 * MIB).piece_size, 16 << 20);
     }
 
