@@ -328,6 +328,12 @@ def build(resdir):
             "variants": variants}
 
 
+def piece_size_text(size):
+    """1 MiB, 512 KiB: the supernode's piece size as set, in the largest whole unit."""
+    size = int(size or 0)
+    return f"{size >> 20} MiB" if size and size % (1 << 20) == 0 else f"{size >> 10} KiB"
+
+
 def markdown(r, png_rel):
     run = r["run"]
     n, fm = r["n"], r["f_mib"]
@@ -407,7 +413,7 @@ def markdown(r, png_rel):
                          f"{fmt(v.get('landing_pieces'), 0)} piece copies taken while landing; piece failures "
                          f"{fmt(v.get('piece_failures'), 0)} "
                          f"({', '.join(f'{k} {int(x)}' for k, x in sorted(v.get('piece_failure_reasons', {}).items())) or '-'}); "
-                         f"piece size {int(v.get('piece_size') or 0) // 1024} KiB x {v.get('piece_count', '?')}; log lines WARN {v.get('log_warn', 0)}, "
+                         f"piece size {piece_size_text(v.get('piece_size'))} x {v.get('piece_count', '?')}; log lines WARN {v.get('log_warn', 0)}, "
                          f"ERROR {v.get('log_error', 0)}")
             if v.get("sn_schedule_requests") is not None:
                 notes.append(f"supernode: {fmt(v['sn_schedule_requests'], 0)} schedule requests, "
