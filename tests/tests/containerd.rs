@@ -59,9 +59,28 @@ fn containerd_pulls_through_the_mirror_and_the_registry_sends_each_layer_once() 
     eprintln!(
         "registry sent {sent} bytes for {nodes} containerd pulls of a {size}-byte image = {ratio:.3} x"
     );
+    // When this fails, say whether containerd went around the mirrors (its fallback when
+    // a mirror answers an error, e.g. after `mirror_no_progress_secs`) or the daemons
+    // fetched the same bytes from the registry more than once.
+    let per_daemon: Vec<String> = setups
+        .iter()
+        .map(|(d, _, _)| {
+            let mib = |name: &str, labels: &str| d.metric(name, labels) / MIB as f64;
+            format!(
+                "{}: {} blob requests, {:.0} MiB served, {:.0} MiB from the registry, {:.0} MiB from peers",
+                d.host_id,
+                d.metric("dfdaemon_mirror_requests_total", "reason=\"blob\""),
+                mib("dfdaemon_mirror_bytes_served_total", ""),
+                mib("dfdaemon_piece_bytes_total", "source=\"origin\""),
+                mib("dfdaemon_piece_bytes_total", "source=\"peer\""),
+            )
+        })
+        .collect();
+    eprintln!("{}", per_daemon.join("; "));
     assert!(
         ratio <= 1.1,
-        "registry sent {ratio:.3} x the image for {nodes} pulls"
+        "registry sent {ratio:.3} x the image for {nodes} pulls; {}",
+        per_daemon.join("; ")
     );
     for (d, ctd, _) in &setups {
         // containerd checked every digest as it wrote the content; ask it what it holds.
