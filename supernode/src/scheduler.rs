@@ -922,7 +922,7 @@ impl Scheduler {
         }
         task.set_have(host, have.clone());
 
-        let order = Self::piece_order(cfg, task, &have, busy);
+        let mut order = Self::piece_order(cfg, task, &have, busy);
         let max = max_assignments.min(MAX_ASSIGNMENTS) as usize;
         let mut held_leases = task
             .origin_leases
@@ -943,7 +943,6 @@ impl Scheduler {
         // relay copies fell behind filled their fetch slots from peers first; on 16 hosts
         // the origin's fetches in flight then fell from 16 to 2-6 and the run took 2-3 s
         // longer.
-        let mut order = order;
         if task.record.supports_range
             && held_leases < host_lease_cap
             && task_leases < cfg.origin_leases_per_task
@@ -952,8 +951,7 @@ impl Scheduler {
                     && !task.origin_leases.get(p).is_some_and(|l| l.live(now))
             })
         {
-            let p = order.remove(i);
-            order.insert(0, p);
+            order[..=i].rotate_right(1);
         }
         let mut assignments = Vec::new();
         let requester = self.hosts.get(host);

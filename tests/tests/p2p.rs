@@ -20,6 +20,26 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// A supernode with `scheduler` (lines of its `[scheduler]` table) and 1 MiB pieces, and
+/// an origin serving `f`: one such piece of random data, a chunk every `pace`. For tests
+/// whose timing is worked out for a single piece. Returns the file's sha256 too.
+fn one_paced_piece(
+    root: &Path,
+    scheduler: &str,
+    pace: Duration,
+    seed: u64,
+) -> (SupernodeProc, Origin, String) {
+    let sn = SupernodeProc::start_with_config(
+        &root.join("supernode"),
+        &format!("[scheduler]\n{scheduler}min_piece_size = {MIB}\nmax_piece_size = {MIB}\n"),
+    )
+    .unwrap();
+    let data = random_bytes(MIB, seed);
+    let want = sha256_hex(&data);
+    let origin = Origin::start_paced(HashMap::from([("f".to_string(), data)]), pace).unwrap();
+    (sn, origin, want)
+}
+
 fn cluster(root: &Path, n: usize) -> (SupernodeProc, Vec<DaemonProc>) {
     cluster_with(root, n, &[])
 }
@@ -490,18 +510,12 @@ fn daemons_on_one_worker_thread_share_a_file() {
 fn slow_origin_fetch_keeps_its_lease() {
     let root = tempfile::tempdir().unwrap();
     // No landing relays: the second host can only wait for the piece or take the lease.
-    let sn = SupernodeProc::start_with_config(
-        &root.path().join("supernode"),
-        "[scheduler]\norigin_lease_secs = 10\nlanding_relays = 0\n",
-    )
-    .unwrap();
-    let data = random_bytes(MIB, 12);
-    let want = sha256_hex(&data);
-    let origin = Origin::start_paced(
-        HashMap::from([("f".to_string(), data)]),
+    let (sn, origin, want) = one_paced_piece(
+        root.path(),
+        "origin_lease_secs = 10\nlanding_relays = 0\n",
         Duration::from_secs(1),
-    )
-    .unwrap();
+        12,
+    );
     let a = DaemonProc::start(&sn, root.path(), "a", &[]).unwrap();
     let b = DaemonProc::start(&sn, root.path(), "b", &[]).unwrap();
     let (out_a, out_b) = (root.path().join("a.out"), root.path().join("b.out"));
@@ -527,21 +541,14 @@ fn slow_origin_fetch_keeps_its_lease() {
 #[test]
 fn relay_answered_busy_by_a_landing_piece_asks_again() {
     let root = tempfile::tempdir().unwrap();
-    // One 1 MiB piece: the origin's pacing below is timed for it.
-    let sn = SupernodeProc::start_with_config(
-        &root.path().join("supernode"),
-        "[scheduler]\nlanding_relays = 2\nmin_piece_size = 1048576\nmax_piece_size = 1048576\n",
-    )
-    .unwrap();
-    let data = random_bytes(MIB, 13);
-    let want = sha256_hex(&data);
     // 16 paces of 60 ms: the piece lands over about 1 s, and the relay answered busy
     // asks again for 1.8 s.
-    let origin = Origin::start_paced(
-        HashMap::from([("f".to_string(), data)]),
+    let (sn, origin, want) = one_paced_piece(
+        root.path(),
+        "landing_relays = 2\n",
         Duration::from_millis(60),
-    )
-    .unwrap();
+        13,
+    );
     let one_slot = root.path().join("one-slot.toml");
     std::fs::write(&one_slot, "landing_upload_slots = 1\n").unwrap();
     let one_slot = one_slot.display().to_string();
