@@ -149,14 +149,12 @@ pub fn content_stream(
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
     let count = layout.piece_count();
     let hold_last = req.digest.is_some();
-    let piece_size = u64::from(layout.piece_size);
-    let (first, last) = if range.is_empty() {
-        (1, 0)
-    } else {
-        (
-            (range.start / piece_size) as u32,
-            ((range.end - 1) / piece_size) as u32,
-        )
+    let (first, last) = match (
+        layout.piece_at(range.start),
+        range.end.checked_sub(1).and_then(|e| layout.piece_at(e)),
+    ) {
+        (Some(f), Some(l)) if !range.is_empty() => (f.0, l.0),
+        _ => (1, 0),
     };
     futures_util::stream::iter(first..=last)
         .map(move |i| {
@@ -172,7 +170,7 @@ pub fn content_stream(
                     None => read.await?,
                 };
                 // Trim the first and last piece to the requested range.
-                let start = u64::from(i) * piece_size;
+                let start = layout.piece_range(PieceIndex(i)).map_or(0, |(s, _)| s);
                 let from = range.start.saturating_sub(start) as usize;
                 let to = ((range.end - start) as usize).min(data.len());
                 Ok(data.slice(from..to))
@@ -273,9 +271,7 @@ impl FileStream {
         loop {
             let (state, error, ready, layout) = {
                 let p = self.rx.borrow_and_update();
-                let ready = p.layout.map_or(0, |l| {
-                    (u64::from(p.stored.count()) * u64::from(l.piece_size)).min(l.content_length)
-                });
+                let ready = p.layout.map_or(0, |l| l.bytes_in(&p.stored));
                 (p.state, p.error.clone(), ready, p.layout)
             };
             match state {

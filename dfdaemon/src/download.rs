@@ -27,7 +27,7 @@ use proto::control::{
     AnnounceSource, ControlErrorCode, ControlRequest, ControlResponse, ParentRef, PieceFailure,
     PieceRecord, PieceSource,
 };
-use proto::layout::{DEFAULT_MAX_PIECE_SIZE, DEFAULT_MIN_PIECE_SIZE};
+use proto::layout::LayoutRule;
 use proto::{PieceIndex, PieceLayout, PieceSet, Sha256Digest, TaskId};
 use reqwest::header::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -178,6 +178,7 @@ impl TaskHandle {
             piece_size: p.layout.map(|l| l.piece_size),
             pieces_total: p.layout.map_or(0, |l| l.piece_count()),
             pieces_stored: p.stored.count(),
+            bytes_stored: p.layout.map_or(0, |l| l.bytes_in(&p.stored)),
             pieces_at_start: self.at_start,
             pieces_from_origin: self.from_origin.load(Ordering::Relaxed),
             pieces_from_peers: self.from_peers.load(Ordering::Relaxed),
@@ -574,12 +575,8 @@ impl Engine {
                         Ok(_) | Err(_) => {}
                     }
                 }
-                let l = PieceLayout::choose(
-                    p.content_length,
-                    DEFAULT_MIN_PIECE_SIZE,
-                    DEFAULT_MAX_PIECE_SIZE,
-                )
-                .map_err(|e| api_error(ErrorKind::OriginUnreachable, e.to_string()))?;
+                let l = PieceLayout::choose(p.content_length, &LayoutRule::default())
+                    .map_err(|e| api_error(ErrorKind::OriginUnreachable, e.to_string()))?;
                 break (l, p.supports_range);
             }
             // Someone else probes; wait for the layout.

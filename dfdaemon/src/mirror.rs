@@ -763,7 +763,7 @@ async fn blob(
     // the last one, the whole blob matched its digest): failures before that are an
     // error status containerd acts on, not a broken body. The caller bounds this wait.
     if !range.is_empty() {
-        let first = PieceIndex((range.start / u64::from(layout.piece_size)) as u32);
+        let first = layout.piece_at(range.start).unwrap_or(PieceIndex(0));
         if let Err(e) = h
             .wait_piece(first, first.0 + 1 == layout.piece_count())
             .await

@@ -44,10 +44,7 @@ fn progress(r: &Running) -> WorkProgress {
         (None, None) => (0, LayerState::Pending, None),
         (Some(h), None) => {
             let st = h.status();
-            let bytes = match (st.content_length, st.piece_size) {
-                (Some(len), Some(ps)) => (u64::from(st.pieces_stored) * u64::from(ps)).min(len),
-                _ => 0,
-            };
+            let bytes = st.bytes_stored;
             match st.state {
                 TaskState::Done => (st.content_length.unwrap_or(bytes), LayerState::Done, None),
                 TaskState::Failed => (

@@ -1,8 +1,8 @@
 //! The local piece store: one data file per task plus sled metadata.
 //!
-//! * `meta` tree: task id -> [`TaskMeta`] (URL, layout, expected content digest, whether
+//! * `meta.v2` tree: task id -> [`TaskMeta`] (URL, layout, expected content digest, whether
 //!   the whole content was verified, last access for LRU).
-//! * `pieces` tree: task id ++ piece index (big-endian) -> the piece's sha256. A key
+//! * `pieces.v2` tree: task id ++ piece index (big-endian) -> the piece's sha256. A key
 //!   exists only after the piece's bytes were written, so a crash between the two leaves
 //!   a piece missing (refetched), never a record pointing at unwritten bytes.
 //! * `data/<task>.data`: the content at its final offsets; pieces are written with
@@ -249,8 +249,19 @@ impl Store {
                 sled::open(&db_path)?
             }
         };
-        let meta = db.open_tree("meta")?;
-        let pieces = db.open_tree("pieces")?;
+        // Version 1 trees hold layouts without a tail, which the current encoding would
+        // misread; their pieces are only a cache, so they go (with their data files,
+        // below) rather than be decoded into wrong piece boundaries.
+        for old in ["meta", "pieces"] {
+            if db.drop_tree(old)? {
+                tracing::warn!(
+                    tree = old,
+                    "dropped piece store metadata of an older format"
+                );
+            }
+        }
+        let meta = db.open_tree("meta.v2")?;
+        let pieces = db.open_tree("pieces.v2")?;
         let pins = db.open_tree("pins")?;
         let store = Self {
             dir: dir.to_path_buf(),
@@ -330,6 +341,23 @@ impl Store {
                     users: 0,
                 },
             );
+        }
+        // A data file without metadata (its task's record was dropped, or a crash came
+        // between creating the file and recording it) holds quota-less bytes nobody can
+        // serve.
+        if let Ok(dir) = std::fs::read_dir(self.dir.join("data")) {
+            for f in dir.flatten() {
+                let name = f.file_name();
+                let known = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".data"))
+                    .and_then(|n| n.parse::<TaskId>().ok())
+                    .is_some_and(|id| entries.contains_key(&id));
+                if !known {
+                    tracing::info!(file = %f.path().display(), "removing data file with no task record");
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
         }
         Ok(())
     }
@@ -913,6 +941,65 @@ mod tests {
             "corrupt piece forgotten"
         );
         assert!(!s.meta(&task).unwrap().complete);
+    }
+
+    #[test]
+    fn older_metadata_and_orphan_data_files_are_dropped_and_tails_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = TaskId::for_url("http://o/tailed", &[], None);
+        let data = content(MIN_PIECE_SIZE as usize * 9 + 77);
+        // Two pieces of 4 x the minimum, then the rest in minimum-size pieces.
+        let l = PieceLayout::with_tail(data.len() as u64, 4 * MIN_PIECE_SIZE, 2, MIN_PIECE_SIZE)
+            .unwrap();
+        assert_eq!(l.piece_count(), 2 + 2);
+        {
+            let s = Store::open(dir.path(), u64::MAX).unwrap();
+            let _l = s.open_task(task, "http://o/tailed", None).unwrap();
+            s.set_layout(&task, l, true).unwrap();
+            for p in l.pieces() {
+                let (o, n) = l.piece_range(p).unwrap();
+                let b = &data[o as usize..o as usize + n as usize];
+                s.write_piece(&task, p, Bytes::copy_from_slice(b), Sha256Digest::of(b))
+                    .unwrap();
+            }
+            assert!(
+                s.verify_complete(&task, Some(Sha256Digest::of(&data)))
+                    .unwrap()
+            );
+        }
+        // What a version before tails left: its trees, and a data file they described.
+        let stale = TaskId::for_url("http://o/old", &[], None);
+        let stale_file = dir.path().join("data").join(format!("{stale}.data"));
+        std::fs::write(&stale_file, b"old bytes").unwrap();
+        {
+            let db = sled::open(dir.path().join("store.sled")).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(stale.as_bytes(), &b"v1 record"[..])
+                .unwrap();
+            db.open_tree("pieces")
+                .unwrap()
+                .insert(b"k", &b"v"[..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), u64::MAX).unwrap();
+        assert!(!stale_file.exists(), "orphan data file removed");
+        assert!(s.meta(&stale).is_none());
+        assert!(s.meta(&task).unwrap().complete);
+        let (last, _) = s.read_piece(&task, PieceIndex(3)).unwrap();
+        assert_eq!(
+            &last[..],
+            &data[l.piece_range(PieceIndex(3)).unwrap().0 as usize..]
+        );
+        drop(s);
+        let db = sled::open(dir.path().join("store.sled")).unwrap();
+        let names = db.tree_names();
+        assert!(
+            !names
+                .iter()
+                .any(|n| &n[..] == b"meta" || &n[..] == b"pieces")
+        );
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct TaskStatus {
     pub piece_size: Option<u32>,
     pub pieces_total: u32,
     pub pieces_stored: u32,
+    /// Bytes in the stored pieces (pieces differ in size, so not a product of the above).
+    pub bytes_stored: u64,
     /// Pieces already in the local store when this download started (a restart resumes
     /// from these).
     pub pieces_at_start: u32,

@@ -151,8 +151,16 @@ mod tests {
     }
     fn arb_layout() -> impl Strategy<Value = Option<PieceLayout>> {
         proptest::option::of(
-            (0u64..1 << 40, MIN_PIECE_SIZE..=MAX_PIECE_SIZE)
-                .prop_filter_map("valid", |(l, s)| PieceLayout::new(l, s).ok()),
+            (
+                0u64..1 << 40,
+                MIN_PIECE_SIZE..=MAX_PIECE_SIZE,
+                any::<u32>(),
+                proptest::option::of(MIN_PIECE_SIZE..=MAX_PIECE_SIZE),
+            )
+                .prop_filter_map("valid", |(l, s, head, tail)| match tail {
+                    Some(t) => PieceLayout::with_tail(l, s, head % 4096, t).ok(),
+                    None => PieceLayout::new(l, s).ok(),
+                }),
         )
     }
 

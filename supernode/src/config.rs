@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use proto::layout::LayoutRule;
+
 use crate::scheduler::SchedulerConfig;
 
 /// Control plane (QUIC) port, as in Dragonfly.
@@ -47,6 +49,8 @@ pub struct SchedulerFile {
     pub landing_relays: Option<u32>,
     pub min_piece_size: Option<u32>,
     pub max_piece_size: Option<u32>,
+    pub tail_piece_size: Option<u32>,
+    pub tail_length: Option<u64>,
 }
 
 impl SchedulerFile {
@@ -90,8 +94,12 @@ impl SchedulerFile {
             in_order_lookahead: self.in_order_lookahead.unwrap_or(d.in_order_lookahead),
             parents_per_piece: self.parents_per_piece.unwrap_or(d.parents_per_piece).max(1),
             landing_relays: self.landing_relays.unwrap_or(d.landing_relays),
-            min_piece_size: self.min_piece_size.unwrap_or(d.min_piece_size),
-            max_piece_size: self.max_piece_size.unwrap_or(d.max_piece_size),
+            layout: LayoutRule {
+                min_piece_size: self.min_piece_size.unwrap_or(d.layout.min_piece_size),
+                max_piece_size: self.max_piece_size.unwrap_or(d.layout.max_piece_size),
+                tail_piece_size: self.tail_piece_size.unwrap_or(d.layout.tail_piece_size),
+                tail_length: self.tail_length.unwrap_or(d.layout.tail_length),
+            },
         };
         // Daemons renew the leases of live fetches every 2 s, starting 2 s into a fetch;
         // a shorter lease would lapse before the first renewal arrives.
@@ -104,12 +112,20 @@ impl SchedulerFile {
             ));
         }
         let range = proto::layout::MIN_PIECE_SIZE..=proto::layout::MAX_PIECE_SIZE;
-        if !range.contains(&cfg.min_piece_size)
-            || !range.contains(&cfg.max_piece_size)
-            || cfg.min_piece_size > cfg.max_piece_size
+        let l = &cfg.layout;
+        if !range.contains(&l.min_piece_size)
+            || !range.contains(&l.max_piece_size)
+            || l.min_piece_size > l.max_piece_size
         {
             errors.push(format!(
                 "scheduler piece sizes must satisfy {} <= min_piece_size <= max_piece_size <= {}",
+                range.start(),
+                range.end()
+            ));
+        }
+        if l.tail_piece_size != 0 && !range.contains(&l.tail_piece_size) {
+            errors.push(format!(
+                "scheduler.tail_piece_size must be 0 (no tail) or in {}..={}",
                 range.start(),
                 range.end()
             ));

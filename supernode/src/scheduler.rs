@@ -21,7 +21,7 @@ use proto::control::{
     AnnounceSource, Assignment, ControlErrorCode, HostInfo, MAX_ASSIGNMENTS, MAX_PARENTS_PER_PIECE,
     ParentRef, PieceFailure, PieceRecord, PieceSource, ScheduleReply, TaskView,
 };
-use proto::layout::{DEFAULT_MAX_PIECE_SIZE, DEFAULT_MIN_PIECE_SIZE, LayoutError};
+use proto::layout::{LayoutError, LayoutRule};
 use proto::{HostId, PieceIndex, PieceLayout, PieceSet, SessionId, Sha256Digest, TaskId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -88,8 +88,8 @@ pub struct SchedulerConfig {
     /// Peers that may take one origin fetch's bytes from its lessee as they land
     /// ([`PieceSource::Landing`]); 0 turns that off.
     pub landing_relays: u32,
-    pub min_piece_size: u32,
-    pub max_piece_size: u32,
+    /// How new tasks are cut into pieces.
+    pub layout: LayoutRule,
 }
 
 impl Default for SchedulerConfig {
@@ -103,8 +103,7 @@ impl Default for SchedulerConfig {
             in_order_lookahead: DEFAULT_IN_ORDER_LOOKAHEAD,
             parents_per_piece: DEFAULT_PARENTS_PER_PIECE,
             landing_relays: DEFAULT_LANDING_RELAYS,
-            min_piece_size: DEFAULT_MIN_PIECE_SIZE,
-            max_piece_size: DEFAULT_MAX_PIECE_SIZE,
+            layout: LayoutRule::default(),
         }
     }
 }
@@ -367,6 +366,7 @@ pub struct TaskSummary {
     pub url: String,
     pub content_length: Option<u64>,
     pub piece_size: Option<u32>,
+    pub tail_piece_size: Option<u32>,
     pub pieces: u32,
     pub pieces_recorded: u32,
     pub origin_leases: usize,
@@ -630,11 +630,7 @@ impl Scheduler {
             }
             return Ok(l);
         }
-        let layout = PieceLayout::choose(
-            content_length,
-            self.cfg.min_piece_size,
-            self.cfg.max_piece_size,
-        )?;
+        let layout = PieceLayout::choose(content_length, &self.cfg.layout)?;
         task.record.layout = Some(layout);
         task.record.supports_range = supports_range;
         if !supports_range {
@@ -1233,6 +1229,7 @@ impl Scheduler {
                 url: t.record.url.clone(),
                 content_length: t.record.layout.map(|l| l.content_length),
                 piece_size: t.record.layout.map(|l| l.piece_size),
+                tail_piece_size: t.record.layout.map(|l| l.tail_piece_size),
                 pieces: t.piece_count(),
                 pieces_recorded: t.record.digests.iter().filter(|d| d.is_some()).count() as u32,
                 origin_leases: t.origin_leases.len(),
@@ -1290,8 +1287,11 @@ mod tests {
 
     fn cfg() -> SchedulerConfig {
         SchedulerConfig {
-            min_piece_size: PS,
-            max_piece_size: PS,
+            layout: LayoutRule {
+                min_piece_size: PS,
+                max_piece_size: PS,
+                ..Default::default()
+            },
             origin_leases_per_task: TASK_BUDGET,
             // Off except in the tests of it, so the others see origin leases alone.
             landing_relays: 0,

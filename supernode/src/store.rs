@@ -49,7 +49,12 @@ impl TaskStore {
                 sled::open(&path).map_err(|source| StoreError::Open { path, source })?
             }
         };
-        let tasks = db.open_tree("tasks")?;
+        // Version 1 records hold layouts without a tail, which the current encoding
+        // would misread; losing them costs a re-fetch from the origin.
+        if db.drop_tree("tasks")? {
+            tracing::warn!("dropped task records of an older format");
+        }
+        let tasks = db.open_tree("tasks.v2")?;
         let jobs = db.open_tree("prewarm_jobs")?;
         Ok(Self { db, tasks, jobs })
     }
@@ -111,5 +116,45 @@ impl TaskStore {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::PieceLayout;
+
+    #[test]
+    fn records_survive_reopen_and_older_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = TaskId::for_url("http://o/old", &[], None);
+        {
+            // A version before layout tails kept postcard records under `tasks`.
+            let db = sled::open(dir.path().join("tasks.sled")).unwrap();
+            db.open_tree("tasks")
+                .unwrap()
+                .insert(old.as_bytes(), &b"v1 record"[..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let id = TaskId::for_url("http://o/new", &[], None);
+        let rec = TaskRecord {
+            url: "http://o/new".into(),
+            layout: Some(PieceLayout::with_tail(5 << 20, 1 << 20, 4, 256 << 10).unwrap()),
+            supports_range: true,
+            content_digest: None,
+            digests: vec![None; 8],
+        };
+        {
+            let s = TaskStore::open(dir.path()).unwrap();
+            s.put(&id, &rec).unwrap();
+            s.flush().unwrap();
+        }
+        let s = TaskStore::open(dir.path()).unwrap();
+        let all = s.load_all();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].0, id);
+        assert_eq!(all[0].1.layout, rec.layout);
+        assert!(!s.db.tree_names().iter().any(|n| &n[..] == b"tasks"));
     }
 }

@@ -138,6 +138,24 @@ fn blobs_leave_the_registry_about_once_for_three_mirrors() {
         &format!("bytes 5000000-{}/{}", data.len() - 1, data.len())
     );
     assert_eq!(&body[..], &data[5_000_000..]);
+    // This layer's last 1 MiB and 1000 bytes are in 256 KiB tail pieces: a range across
+    // the boundary into them, and one inside them.
+    for (from, to) in [(7_000_000, 7_500_000), (7_900_000, data.len() - 10)] {
+        let (st, h, body) = http_request(
+            daemons[1].proxy_addr,
+            "GET",
+            &format!("/v2/{}/blobs/{digest}?{ns}", img.name),
+            &[("Range", &format!("bytes={from}-{to}"))],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(st, 206);
+        assert_eq!(
+            h.get("content-range").unwrap(),
+            &format!("bytes {from}-{to}/{}", data.len())
+        );
+        assert_eq!(&body[..], &data[from..=to], "range {from}-{to}");
+    }
     let (st, _, _) = http_request(
         daemons[0].proxy_addr,
         "GET",
