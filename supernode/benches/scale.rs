@@ -15,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use proto::control::{AnnounceSource, HostInfo, PieceRecord, PieceSource};
+use proto::layout::LayoutRule;
 use proto::{HostId, PieceSet, SessionId, Sha256Digest, TaskId};
 use supernode::scheduler::{Scheduler, SchedulerConfig};
 
@@ -61,7 +62,18 @@ fn main() {
     let rss_before = rss_kib();
     let t_start = Instant::now();
     let mut now = t_start;
-    let mut s = Scheduler::new(SchedulerConfig::default());
+    // The simulated tasks are `pieces` pieces of 4 MiB, so the layout rule must cut them
+    // so: with the defaults' 1 MiB pieces and tail the reported length comes out as
+    // other pieces than the simulated peers hold, and nothing is ever assigned.
+    let mut s = Scheduler::new(SchedulerConfig {
+        layout: LayoutRule {
+            min_piece_size: PIECE as u32,
+            max_piece_size: PIECE as u32,
+            tail_piece_size: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
 
     // Hosts, with topology labels.
     let t = Instant::now();
@@ -122,8 +134,10 @@ fn main() {
             .handle_register_peer(&p.host, tasks[p.task], "http://registry/blob", None, now)
             .expect("register peer");
         if view.probe {
-            s.handle_report_layout(&p.host, tasks[p.task], u64::from(pieces) * PIECE, true, now)
+            let l = s
+                .handle_report_layout(&p.host, tasks[p.task], u64::from(pieces) * PIECE, true, now)
                 .expect("layout");
+            assert_eq!(l.piece_count(), pieces, "the layout rule cuts other pieces");
         }
     }
     let peer_reg = t.elapsed();
