@@ -250,6 +250,28 @@ pub fn api_error(kind: ErrorKind, message: impl Into<String>) -> ApiError {
     }
 }
 
+/// The error for a supernode whose layout of the task differs from this download's.
+fn layout_mismatch(supernode: &PieceLayout, ours: &PieceLayout) -> ApiError {
+    if supernode.content_length != ours.content_length {
+        api_error(
+            ErrorKind::OriginUnreachable,
+            format!(
+                "content length changed at the origin during the download ({} bytes, the supernode has {})",
+                ours.content_length, supernode.content_length
+            ),
+        )
+    } else {
+        // This daemon cut the content itself (it probed while the supernode was away),
+        // with the built-in piece sizes, and the supernode's settings differ.
+        api_error(
+            ErrorKind::Internal,
+            format!(
+                "the supernode cuts this content into other pieces ({supernode:?}) than this daemon did ({ours:?}); its [scheduler] piece-size settings differ from the defaults; retry"
+            ),
+        )
+    }
+}
+
 fn origin_api_error(e: &OriginError) -> ApiError {
     match e {
         OriginError::Status { status, .. } => ApiError {
@@ -692,11 +714,8 @@ impl Engine {
                         Ok(ControlResponse::Schedule(r)) => {
                             tracing::trace!(task = %id, assignments = r.assignments.len(), "scheduled");
                             sn_healthy = true;
-                            if r.layout.is_some_and(|l| l != layout) {
-                                return Err(api_error(
-                                    ErrorKind::OriginUnreachable,
-                                    "content length changed at the origin during the download",
-                                ));
+                            if let Some(l) = r.layout.filter(|l| *l != layout) {
+                                return Err(layout_mismatch(&l, &layout));
                             }
                             if r.layout.is_none() {
                                 // The supernode has the task but not its layout: it
