@@ -98,6 +98,8 @@ pub struct TaskStatus {
     pub pieces_total: u32,
     pub pieces_stored: u32,
     /// Bytes in the stored pieces (pieces differ in size, so not a product of the above).
+    /// Defaulted so a client still reads a daemon from before it.
+    #[serde(default)]
     pub bytes_stored: u64,
     /// Pieces already in the local store when this download started (a restart resumes
     /// from these).
