@@ -23,10 +23,18 @@ pub const DEFAULT_QUOTA: u64 = 20 << 30;
 /// Pieces kept in memory after they are written: enough for the relay window of a few
 /// dozen pieces in flight through this host.
 pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
-/// Concurrent uploads to other daemons; more requests get `Busy` and go elsewhere. Few
-/// slots make each transfer fast, so a new piece is relayed on sooner and spreads as a
-/// tree (swarm bench, 8 hosts: 16 slots 1.21 x the bound, 4 slots 1.11 x, 2 slots 1.09 x).
-pub const DEFAULT_UPLOAD_SLOTS: u32 = 4;
+/// Concurrent uploads of stored pieces to other daemons; more requests get `Busy` and go
+/// elsewhere. Before pieces were relayed while landing, few slots won (8 hosts: 16 slots
+/// 1.21 x the bound, 4 slots 1.11 x): each transfer was fast, so a new piece spread as a
+/// tree. Now a new piece spreads from its lessee as it lands (its own slots,
+/// `landing_upload_slots`), and stored-piece uploads matter where the landing relays do
+/// not reach everyone: on 32 hosts at 25 Mbit/s (bench/swarm.sh, alternated, one build)
+/// 4 slots took 115.1-117.0 s, 8 slots 110.6-112.0 s, 16 slots 106.7-108.9 s, the gaps
+/// between one upload and the next (a schedule round trip, a busy answer) being filled
+/// by the others; 16 and 8 hosts at 100 Mbit/s were unchanged (22.78 s against 22.85 s
+/// with 8 slots; 22.67 s against 22.64-22.74 s). Each upload holds its piece in memory,
+/// so this many pieces at most: 16 MiB for content up to 256 MiB.
+pub const DEFAULT_UPLOAD_SLOTS: u32 = 16;
 /// Uploads of pieces still landing from the origin at once: the supernode's default 15
 /// peers on this host's origin fetch, plus one. Past it a peer is told busy, and asks
 /// again shortly (the download engine's `LANDING_BUSY_ROUNDS`).
