@@ -31,10 +31,12 @@ pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
 /// not reach everyone: on 32 hosts at 25 Mbit/s (bench/swarm.sh, alternated, one build)
 /// 4 slots took 115.1-117.0 s, 8 slots 110.6-112.0 s, 16 slots 106.7-108.9 s, the gaps
 /// between one upload and the next (a schedule round trip, a busy answer) being filled
-/// by the others; 16 and 8 hosts at 100 Mbit/s were unchanged (22.78 s against 22.85 s
-/// with 8 slots; 22.67 s against 22.64-22.74 s). Each upload holds its piece in memory,
-/// so this many pieces at most: 16 MiB for content up to 256 MiB.
-pub const DEFAULT_UPLOAD_SLOTS: u32 = 16;
+/// by the others. But on 16 hosts at 100 Mbit/s, where a few copies miss their landing
+/// and come from stored pieces at the very end, 16 slots split the uplink so far that
+/// 2 of 6 paired runs ended late (23.35 and 23.91 s, against 22.71-23.07 s); 8 slots
+/// gave 22.73-22.99 s in 11 runs, 4 slots 22.73-23.46 s in 12. Each upload holds its
+/// piece in memory, so this many pieces at most: 8 MiB for content up to 256 MiB.
+pub const DEFAULT_UPLOAD_SLOTS: u32 = 8;
 /// Uploads of pieces still landing from the origin at once: the supernode's default 15
 /// peers on this host's origin fetch, plus one. Past it a peer is told busy, and asks
 /// again shortly (the download engine's `LANDING_BUSY_ROUNDS`).

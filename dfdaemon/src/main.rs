@@ -56,7 +56,7 @@ struct Args {
     /// Past net.core.rmem_max it needs CAP_NET_ADMIN [default: 4MiB]
     #[arg(long)]
     udp_receive_buffer: Option<String>,
-    /// Concurrent uploads of stored pieces to other daemons [default: 16]
+    /// Concurrent uploads of stored pieces to other daemons [default: 8]
     #[arg(long)]
     upload_slots: Option<u32>,
     /// Threads running the daemon's network and piece work [default: one per CPU]. On a
