@@ -29,9 +29,9 @@ pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
 /// tree. Now a new piece spreads from its lessee as it lands (its own slots,
 /// `landing_upload_slots`), and stored-piece uploads matter where the landing relays do
 /// not reach everyone: on 32 hosts at 25 Mbit/s (bench/swarm.sh, alternated, one build)
-/// 4 slots took 115.1-117.0 s, 8 slots 110.6-112.0 s, 16 slots 106.7-108.9 s, the gaps
-/// between one upload and the next (a schedule round trip, a busy answer) being filled
-/// by the others. But on 16 hosts at 100 Mbit/s, where a few copies miss their landing
+/// 4 slots took 115.1-117.0 s, 8 slots 110.6-112.0 s, 16 slots 106.7-108.9 s (read as
+/// more uploads covering the gaps between one upload and the next, a schedule round trip
+/// or a busy answer; the gaps were not measured). But on 16 hosts at 100 Mbit/s, where a few copies miss their landing
 /// and come from stored pieces at the very end, 16 slots split the uplink so far that
 /// 2 of 6 paired runs ended late (23.35 and 23.91 s, against 22.71-23.07 s); 8 slots
 /// gave 22.73-22.99 s in 11 runs, 4 slots 22.73-23.46 s in 12. Each upload holds its
