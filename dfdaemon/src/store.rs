@@ -885,7 +885,10 @@ mod tests {
     }
 
     fn fill(store: &Store, task: &TaskId, data: &[u8]) {
-        let l = layout(data.len() as u64);
+        fill_as(store, task, data, layout(data.len() as u64));
+    }
+
+    fn fill_as(store: &Store, task: &TaskId, data: &[u8], l: PieceLayout) {
         for p in l.pieces() {
             let (o, n) = l.piece_range(p).unwrap();
             let bytes = &data[o as usize..o as usize + n as usize];
@@ -956,12 +959,7 @@ mod tests {
             let s = Store::open(dir.path(), u64::MAX).unwrap();
             let _l = s.open_task(task, "http://o/tailed", None).unwrap();
             s.set_layout(&task, l, true).unwrap();
-            for p in l.pieces() {
-                let (o, n) = l.piece_range(p).unwrap();
-                let b = &data[o as usize..o as usize + n as usize];
-                s.write_piece(&task, p, Bytes::copy_from_slice(b), Sha256Digest::of(b))
-                    .unwrap();
-            }
+            fill_as(&s, &task, &data, l);
             assert!(
                 s.verify_complete(&task, Some(Sha256Digest::of(&data)))
                     .unwrap()

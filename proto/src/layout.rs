@@ -189,14 +189,25 @@ impl PieceLayout {
         u64::from(self.head_pieces) * u64::from(self.piece_size)
     }
 
-    fn count_u64(&self) -> u64 {
+    /// The layout as two runs of equal pieces: (pieces in the head, bytes in the head,
+    /// size of a tail piece). Without a tail the head is everything and the tail empty,
+    /// so every lookup below has one shape.
+    fn runs(&self) -> (u64, u64, u64) {
         if self.tail_piece_size == 0 {
-            self.content_length.div_ceil(u64::from(self.piece_size))
+            let count = self.content_length.div_ceil(u64::from(self.piece_size));
+            (count, self.content_length, u64::from(self.piece_size))
         } else {
-            u64::from(self.head_pieces)
-                + (self.content_length - self.head_bytes())
-                    .div_ceil(u64::from(self.tail_piece_size))
+            (
+                u64::from(self.head_pieces),
+                self.head_bytes(),
+                u64::from(self.tail_piece_size),
+            )
         }
+    }
+
+    fn count_u64(&self) -> u64 {
+        let (head, head_end, tail) = self.runs();
+        head + (self.content_length - head_end).div_ceil(tail)
     }
 
     pub fn piece_count(&self) -> u32 {
@@ -209,19 +220,14 @@ impl PieceLayout {
         if piece.0 >= self.piece_count() {
             return None;
         }
-        let (start, size) = if self.tail_piece_size == 0 || piece.0 < self.head_pieces {
-            (
-                u64::from(piece.0) * u64::from(self.piece_size),
-                self.piece_size,
-            )
+        let (head, head_end, tail) = self.runs();
+        let i = u64::from(piece.0);
+        let (start, size) = if i < head {
+            (i * u64::from(self.piece_size), u64::from(self.piece_size))
         } else {
-            let k = u64::from(piece.0 - self.head_pieces);
-            (
-                self.head_bytes() + k * u64::from(self.tail_piece_size),
-                self.tail_piece_size,
-            )
+            (head_end + (i - head) * tail, tail)
         };
-        let len = (self.content_length - start).min(u64::from(size));
+        let len = (self.content_length - start).min(size);
         Some((start, len as u32))
     }
 
@@ -230,11 +236,11 @@ impl PieceLayout {
         if offset >= self.content_length {
             return None;
         }
-        let i = if self.tail_piece_size == 0 || offset < self.head_bytes() {
+        let (head, head_end, tail) = self.runs();
+        let i = if offset < head_end {
             offset / u64::from(self.piece_size)
         } else {
-            u64::from(self.head_pieces)
-                + (offset - self.head_bytes()) / u64::from(self.tail_piece_size)
+            head + (offset - head_end) / tail
         };
         Some(PieceIndex(i as u32))
     }
